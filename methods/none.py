@@ -1,0 +1,16 @@
+"""The base model with a sliding window: the reference every other method is compared with."""
+from __future__ import annotations
+
+import torch
+
+from tta_bench.method import Method
+from tta_bench.registry import register_method
+
+
+@register_method("none")
+class NoAdaptation(Method):
+    """No adaptation: the base model scores each segment with up to context_len earlier tokens."""
+
+    @torch.no_grad()
+    def score(self, seg):
+        return self.lm.logprobs(seg.ids, seg.n)

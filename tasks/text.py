@@ -1,0 +1,58 @@
+"""Any local text: files or folders per split, one document per file or cut by a line pattern."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tta_bench.data import Document, Task
+from tta_bench.errors import TTABenchError
+from tta_bench.registry import register_task
+
+
+@register_task("text")
+class LocalText(Task):
+    """Local text files: `splits: {test: path, train: path}`; a file or a folder of files per split."""
+
+    params = {"splits": {}, "glob": "*.txt", "doc_pattern": None, "encoding": "utf-8"}
+
+    def available_splits(self):
+        return tuple(self.cfg["splits"])
+
+    def _files(self, split: str) -> list[Path]:
+        path = Path(self.cfg["splits"][split]).expanduser()
+        return sorted(path.rglob(self.cfg["glob"])) if path.is_dir() else [path]
+
+    def problem(self, split: str) -> str | None:
+        if split not in self.cfg["splits"]:
+            return (f"text task has no split '{split}'; map it to a file or folder under"
+                    f" `splits:` (have: {', '.join(self.cfg['splits']) or 'none'})")
+        path = Path(self.cfg["splits"][split]).expanduser()
+        if not path.exists():
+            return f"text task: {split} path {path} does not exist; fix `splits.{split}`"
+        if not self._files(split):
+            return f"text task: no files matching {self.cfg['glob']} under {path}; fix `glob` or the path"
+        return None
+
+    def documents(self, split: str) -> list[Document]:
+        problem = self.problem(split)
+        if problem:
+            raise TTABenchError(problem)
+        docs = []
+        pattern = re.compile(self.cfg["doc_pattern"]) if self.cfg["doc_pattern"] else None
+        for f in self._files(split):
+            text = f.read_text(encoding=self.cfg["encoding"])
+            if pattern is None:
+                docs.append(Document(f.name, text))
+                continue
+            start = 0
+            lines = text.splitlines(keepends=True)
+            offsets = [0]
+            for line in lines:
+                offsets.append(offsets[-1] + len(line))
+            cuts = [offsets[i] for i, line in enumerate(lines) if pattern.search(line) and offsets[i] > 0]
+            for cut in cuts + [len(text)]:
+                part = text[start:cut]
+                if part:
+                    docs.append(Document(f"{f.name}:{part.splitlines()[0].strip()[:60]}", part))
+                start = cut
+        return docs

@@ -1,0 +1,304 @@
+"""bench.yaml: schema, validation (every problem at once, each with its field path), grid expansion.
+
+    run: default                 # results go to <output_dir>/<run>/
+    output_dir: results
+    device: auto                 # auto | cpu | cuda | cuda:N
+    dtype: float32               # float32 | bfloat16 | float16
+    seeds: [0]
+    protocol: {segment_len: 128, context_len: 1, reset: document}   # context_len: auto = window - segment_len
+    limits: {docs: null, tokens: 20000}
+    models: [smollm2-135m]       # or {name: REF, label: ..., revision: ..., source: ...}
+    tasks: [wikitext-2]          # or {name: wikitext-2, split: test, prepare_split: valid, <task params>}
+    methods:                     # or {name: M, label: ..., <method params>}; a list value is a grid axis
+      - none
+    plugins: []                  # extra folders/files with @register_method / @register_task
+    progress: true
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import TTABenchError, did_you_mean
+
+TOP_KEYS = {"run", "output_dir", "device", "dtype", "seeds", "protocol", "limits", "models", "tasks",
+            "methods", "plugins", "progress", "check"}
+PROTOCOL_KEYS = {"segment_len", "context_len", "reset"}
+LIMIT_KEYS = {"docs", "tokens"}
+MODEL_KEYS = {"name", "label", "revision", "source"}
+TASK_KEYS = {"name", "label", "split", "prepare_split"}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class Cell:
+    """One (model, task, method+params, seed, protocol) evaluation, fully resolved."""
+
+    model: dict
+    task: dict
+    method: dict
+    seed: int
+    protocol: dict
+    limits: dict
+    dtype: str
+    device: str
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "task": self.task, "method": self.method, "seed": self.seed,
+                "protocol": self.protocol, "limits": self.limits, "dtype": self.dtype, "device": self.device}
+
+    @property
+    def cell_id(self) -> str:
+        blob = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        return self.method.get("label") or method_label(self.method["name"], self.method["params"])
+
+
+def method_label(name: str, params: dict) -> str:
+    if not params:
+        return name
+    return f"{name}(" + ", ".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
+
+
+@dataclass
+class BenchConfig:
+    path: str
+    raw: dict
+    run: str = "default"
+    output_dir: str = "results"
+    device: str = "auto"
+    dtype: str = "float32"
+    seeds: list = field(default_factory=lambda: [0])
+    protocol: dict = field(default_factory=dict)
+    limits: dict = field(default_factory=dict)
+    models: list = field(default_factory=list)
+    tasks: list = field(default_factory=list)
+    methods: list = field(default_factory=list)
+    plugins: list = field(default_factory=list)
+    progress: bool = True
+    check: bool = False
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run
+
+
+def _is_pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _unknown(keys, allowed, where, problems):
+    for k in keys:
+        if k not in allowed:
+            problems.append(f"{where}{k}: unknown key; {did_you_mean(str(k), allowed)}")
+
+
+def _entries(raw, where, problems) -> list[dict]:
+    """A list of `name` strings or dicts with a `name`, normalised to dicts."""
+    if isinstance(raw, (str, dict)):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        problems.append(f"{where}: must be a non-empty list")
+        return []
+    out = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            out.append({"name": item})
+        elif isinstance(item, dict) and isinstance(item.get("name"), str):
+            out.append(dict(item))
+        else:
+            problems.append(f"{where}[{i}]: must be a name or a mapping with a `name`")
+            out.append(None)
+    return out
+
+
+def read_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise TTABenchError(f"bench file {path} does not exist; give the path to a bench YAML file")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise TTABenchError(f"{path}: invalid YAML{where}: {problem}; fix the syntax") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TTABenchError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise TTABenchError(f"{path}: the top level must be a mapping (keys like models:, tasks:, methods:)")
+    return raw
+
+
+def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, list[str]]:
+    """Check everything that can be checked without loading a model or data; return all problems."""
+    from . import registry
+    from .method import method_class
+    from .models import check_model_ref
+
+    problems: list[str] = []
+    _unknown(raw, TOP_KEYS, "", problems)
+    cfg = BenchConfig(path=path, raw=raw)
+    for key in ("run", "output_dir", "device"):
+        if key in raw:
+            if not isinstance(raw[key], str) or not raw[key]:
+                problems.append(f"{key}: must be a non-empty string")
+            else:
+                setattr(cfg, key, raw[key])
+    if "run" in raw and isinstance(raw["run"], str) and (os.sep in raw["run"] or raw["run"].startswith(".")):
+        problems.append("run: must be a plain name (it becomes a folder under output_dir)")
+    if "device" in raw and isinstance(raw["device"], str) and not (raw["device"] in ("auto", "cpu", "cuda") or raw["device"].startswith("cuda:")):
+        problems.append(f"device: must be auto, cpu, cuda or cuda:N, got {raw['device']!r}")
+    if "dtype" in raw:
+        if raw["dtype"] not in DTYPES:
+            problems.append(f"dtype: must be one of {', '.join(DTYPES)}, got {raw['dtype']!r}")
+        else:
+            cfg.dtype = raw["dtype"]
+    for key in ("progress", "check"):
+        if key in raw:
+            if not isinstance(raw[key], bool):
+                problems.append(f"{key}: must be true or false")
+            else:
+                setattr(cfg, key, raw[key])
+    seeds = raw.get("seeds", [0])
+    seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        problems.append("seeds: must be a non-negative integer or a non-empty list of them")
+    else:
+        cfg.seeds = seeds
+
+    proto = raw.get("protocol", {}) or {}
+    if not isinstance(proto, dict):
+        problems.append("protocol: must be a mapping")
+        proto = {}
+    _unknown(proto, PROTOCOL_KEYS, "protocol.", problems)
+    seg = proto.get("segment_len", 128)
+    if not _is_pos_int(seg):
+        problems.append(f"protocol.segment_len: must be a positive integer, got {seg!r}")
+    ctx = proto.get("context_len", 1)
+    if not (ctx in (None, "auto") or _is_pos_int(ctx)):
+        problems.append(f"protocol.context_len: must be an integer >= 1 or auto, got {ctx!r}")
+    reset = proto.get("reset", "document")
+    if reset not in ("document", "never"):
+        problems.append(f"protocol.reset: must be document or never, got {reset!r}")
+    cfg.protocol = {"segment_len": seg, "context_len": "auto" if ctx in (None, "auto") else ctx, "reset": reset}
+
+    limits = raw.get("limits", {}) or {}
+    if not isinstance(limits, dict):
+        problems.append("limits: must be a mapping")
+        limits = {}
+    _unknown(limits, LIMIT_KEYS, "limits.", problems)
+    for k in LIMIT_KEYS:
+        v = limits.get(k)
+        if v is not None and not _is_pos_int(v):
+            problems.append(f"limits.{k}: must be a positive integer or null, got {v!r}")
+    cfg.limits = {k: limits.get(k) for k in sorted(LIMIT_KEYS)}
+
+    plugins = raw.get("plugins", []) or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        problems.append("plugins: must be a list of paths")
+        plugins = []
+    base = Path(path).resolve().parent
+    cfg.plugins = [str((base / Path(p).expanduser()).resolve()) for p in plugins]
+    for p, resolved in zip(plugins, cfg.plugins):
+        if not Path(resolved).exists():
+            problems.append(f"plugins: {p} does not exist (relative paths are read from the bench file's folder)")
+    try:
+        registry.discover([p for p in cfg.plugins if Path(p).exists()])
+    except TTABenchError as e:
+        problems.append(f"plugins: {e}")
+
+    for i, m in enumerate(_entries(raw.get("models"), "models", problems)):
+        if m is None:
+            continue
+        _unknown(m, MODEL_KEYS, f"models[{i}].", problems)
+        problem = check_model_ref(m["name"])
+        if problem:
+            problems.append(f"models[{i}]: {problem}")
+        cfg.models.append({k: m[k] for k in sorted(m) if k in MODEL_KEYS})
+
+    for i, t in enumerate(_entries(raw.get("tasks"), "tasks", problems)):
+        if t is None:
+            continue
+        where = f"tasks[{i}]"
+        try:
+            task_cls = registry.get("task", t["name"])
+        except TTABenchError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        params = {k: v for k, v in t.items() if k not in TASK_KEYS}
+        _unknown(params, set(task_cls.params), f"{where}.", problems)
+        if any(k not in task_cls.params for k in params):
+            continue
+        task = task_cls(**params)
+        split = t.get("split", "test")
+        problem = task.problem(split)
+        if problem:
+            problems.append(f"{where}: {problem}")
+            continue
+        prep = t.get("prepare_split") or task.prepare_split(split)
+        if prep == split:
+            problems.append(f"{where}.prepare_split: must differ from the evaluated split '{split}' (SPEC 2)")
+        elif t.get("prepare_split") and task.problem(prep):
+            problems.append(f"{where}.prepare_split: {task.problem(prep)}")
+        cfg.tasks.append({"name": task_cls.registry_name, "split": split, "prepare_split": prep,
+                          "params": params, **({"label": t["label"]} if "label" in t else {})})
+
+    for i, m in enumerate(_entries(raw.get("methods"), "methods", problems)):
+        if m is None:
+            continue
+        where = f"methods[{i}]"
+        try:
+            cls = method_class(m["name"])
+        except TTABenchError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        axes = {k: (v if isinstance(v, list) else [v]) for k, v in m.items() if k not in ("name", "label")}
+        if any(not vals for vals in axes.values()):
+            problems.append(f"{where}: an empty list gives no settings; remove it or give values")
+            continue
+        for combo in itertools.product(*axes.values()) if axes else [()]:
+            values = dict(zip(axes, combo))
+            params, errs = cls.make_params(values, where)
+            if errs:
+                problems.extend(e for e in errs if e not in problems)
+                continue
+            given = {k: getattr(params, k) for k in values}
+            entry = {"name": cls.registry_name, "params": given}
+            if "label" in m:
+                entry["label"] = m["label"] if len(axes) == 0 or all(len(v) == 1 for v in axes.values()) else f"{m['label']}{given}"
+            cfg.methods.append(entry)
+
+    for k in ("models", "tasks", "methods"):
+        if k not in raw:
+            problems.append(f"{k}: missing; list at least one")
+    return (None if problems else cfg), problems
+
+
+def load(path: str) -> BenchConfig:
+    cfg, problems = validate(read_yaml(path), path)
+    if problems:
+        more = f" (and {len(problems) - 1} more: run `python -m tta_bench validate {path}`)" if len(problems) > 1 else ""
+        raise TTABenchError(f"{path}: {problems[0]}{more}")
+    return cfg
+
+
+def expand(cfg: BenchConfig, device: str) -> list[Cell]:
+    """The grid, `none` first in each (model, task) so ratios to it come from the same run."""
+    cells = []
+    for model, task, seed in itertools.product(cfg.models, cfg.tasks, cfg.seeds):
+        methods = sorted(cfg.methods, key=lambda m: m["name"] != "none")
+        for method in methods:
+            cells.append(Cell(copy.deepcopy(model), copy.deepcopy(task), copy.deepcopy(method), seed,
+                              dict(cfg.protocol), dict(cfg.limits), cfg.dtype, device))
+    return cells

@@ -1,0 +1,110 @@
+"""The language model every method works with: a Hugging Face causal LM split into its body
+(the transformer, giving final hidden states) and its head (the vocabulary projection), so methods
+can reuse hidden states and every forward is counted by the cell's FLOP ledger."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .flops import Ledger, fvcore_count
+
+
+class _Body(torch.nn.Module):
+    """Traceable wrapper: input ids -> final hidden states."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, ids):
+        return self.body(input_ids=ids, use_cache=False).last_hidden_state
+
+
+class TokenizerAdapter:
+    """encode(text) -> (token ids, end character offset of each token)."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+
+    def encode(self, text: str) -> tuple[list[int], list[int]]:
+        enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [end for _, end in enc["offset_mapping"]]
+
+    @property
+    def bos_id(self):
+        return self.hf.bos_token_id
+
+    @property
+    def eos_id(self):
+        return self.hf.eos_token_id
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 0-255), BOS 256, EOS 257: for the tiny test model."""
+
+    vocab_size = 258
+    bos_id, eos_id = 256, 257
+
+    def encode(self, text: str) -> tuple[list[int], list[int]]:
+        ids, ends = [], []
+        for i, ch in enumerate(text):
+            b = ch.encode("utf-8")
+            ids.extend(b)
+            ends.extend([i + 1] * len(b))
+        return ids, ends
+
+
+@dataclass
+class LM:
+    model: torch.nn.Module  # the whole causal LM
+    tokenizer: object  # TokenizerAdapter or ByteTokenizer
+    name: str
+    fingerprint: str
+    window: int  # longest input the model takes
+    device: torch.device
+    dtype: torch.dtype
+    source: str = ""  # where the weights came from, for provenance
+    ledger: Ledger = field(default_factory=Ledger)
+
+    def __post_init__(self):
+        self.model.eval()
+        self.body = self.model.base_model
+        self.head = self.model.get_output_embeddings()
+        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        self._traceable_body = _Body(self.body)
+        self.vocab_size = self.head.weight.shape[0]
+
+    @property
+    def start_id(self) -> int:
+        """SPEC 1: the token that stands in for a missing beginning: BOS, else EOS."""
+        bos = self.tokenizer.bos_id
+        return bos if bos is not None else self.tokenizer.eos_id
+
+    @property
+    def hidden_size(self) -> int:
+        return self.head.weight.shape[1]
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, L, d) final hidden states (after the final norm)."""
+        self.ledger.record_forward("body", tuple(ids.shape), lambda s=tuple(ids.shape): self._count_body(s))
+        return self.body(input_ids=ids, use_cache=False).last_hidden_state
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., d) hidden states -> (..., V) float32 logits."""
+        shape = tuple(h.shape)
+        self.ledger.record_forward("head", shape, lambda: fvcore_count(self.head, (torch.zeros(shape, dtype=h.dtype, device=h.device),)))
+        out = self.head(h).float()
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    def logprobs(self, ids: torch.Tensor, n: int) -> torch.Tensor:
+        """Log-probabilities (n, V) of the tokens following the last n input positions (batch of 1)."""
+        h = self.hidden(ids)[0, -n:]
+        return F.log_softmax(self.logits(h), dim=-1)
+
+    def _count_body(self, shape):
+        ids = torch.zeros(shape, dtype=torch.long, device=self.device)
+        return fvcore_count(self._traceable_body, (ids,))

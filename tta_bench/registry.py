@@ -1,0 +1,233 @@
+"""Lazy, typo-tolerant registries of methods, tasks and models.
+
+Plugins are found three ways, none of which imports a plugin until it is used:
+- the folders `methods/` and `tasks/` of this repository (installed as `tta_bench_methods` and
+  `tta_bench_tasks`), plus any folder or file named in a bench file's `plugins:` or in
+  $TTA_BENCH_PLUGINS (os.pathsep-separated);
+- the entry-point groups `tta_bench.methods` and `tta_bench.tasks`;
+- direct registration (`@register_method("name")` in code that is already imported).
+
+Files are read with `ast` to learn which names they register and the first docstring line of each
+class, so `tta-bench list` describes everything without importing torch-heavy code.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import TTABenchError, did_you_mean
+
+KINDS = ("method", "task", "model")
+_DECORATORS = {f"register_{k}": k for k in KINDS}
+_BUILTIN_PACKAGES = {"method": "tta_bench_methods", "task": "tta_bench_tasks"}
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def normalize(name: str) -> str:
+    """Names match case-insensitively, with '-' and '_' interchangeable."""
+    return name.strip().lower().replace("_", "-")
+
+
+@dataclass
+class Entry:
+    name: str
+    kind: str
+    description: str
+    source: str  # where it comes from, for `list` and error messages
+    obj: Any = None  # the registered class or factory once loaded
+    loader: Callable[[], None] | None = None  # imports the module that registers it
+
+
+class Registry:
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.entries: dict[str, Entry] = {}
+
+    def add(self, entry: Entry) -> None:
+        key = normalize(entry.name)
+        old = self.entries.get(key)
+        if old is not None and old.obj is not None and entry.obj is None:
+            return  # already loaded; a lazy duplicate adds nothing
+        if old is not None and old.obj is None and entry.obj is None and old.source != entry.source:
+            raise TTABenchError(
+                f"{self.kind} '{entry.name}' is registered twice ({old.source} and {entry.source}); rename one"
+            )
+        if old is not None and entry.obj is not None and old.obj is None:
+            entry.description = entry.description or old.description
+            entry.source = old.source
+        self.entries[key] = entry
+
+    def names(self) -> list[str]:
+        return sorted(e.name for e in self.entries.values())
+
+    def get(self, name: str) -> Any:
+        entry = self.entries.get(normalize(name))
+        if entry is None:
+            raise TTABenchError(f"unknown {self.kind} '{name}': {did_you_mean(normalize(name), self.names())}")
+        if entry.obj is None:
+            entry.loader()
+            entry = self.entries[normalize(name)]
+            if entry.obj is None:
+                raise TTABenchError(f"{entry.source} did not register {self.kind} '{name}' when imported")
+        return entry.obj
+
+
+REGISTRIES = {k: Registry(k) for k in KINDS}
+_scanned: set[str] = set()
+
+
+def _register(kind: str, name: str, description: str | None):
+    def wrap(obj):
+        doc = description or (obj.__doc__ or "").strip().split("\n")[0]
+        obj.registry_name = name
+        mod = sys.modules.get(getattr(obj, "__module__", ""), None)
+        src = getattr(mod, "__file__", None) or getattr(obj, "__module__", "?")
+        REGISTRIES[kind].add(Entry(name, kind, doc, str(src), obj=obj))
+        return obj
+
+    return wrap
+
+
+def register_method(name: str, description: str | None = None):
+    """Class decorator: make a Method subclass available under `name`."""
+    return _register("method", name, description)
+
+
+def register_task(name: str, description: str | None = None):
+    return _register("task", name, description)
+
+
+def register_model(name: str, description: str | None = None):
+    return _register("model", name, description)
+
+
+def _scan_source(path: Path) -> list[tuple[str, str, str]]:
+    """(kind, name, description) for every `@register_<kind>("name")` on a class or function in the file."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except (OSError, SyntaxError) as e:
+        raise TTABenchError(f"cannot read plugin file {path}: {e}; fix or remove it") from None
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+            continue
+        for dec in node.decorator_list:
+            if not (isinstance(dec, ast.Call) and dec.args and isinstance(dec.args[0], ast.Constant)):
+                continue
+            fname = dec.func.attr if isinstance(dec.func, ast.Attribute) else getattr(dec.func, "id", "")
+            if fname in _DECORATORS:
+                desc = ""
+                if len(dec.args) > 1 and isinstance(dec.args[1], ast.Constant):
+                    desc = dec.args[1].value
+                for kw in dec.keywords:
+                    if kw.arg == "description" and isinstance(kw.value, ast.Constant):
+                        desc = kw.value.value
+                desc = desc or (ast.get_docstring(node) or "").strip().split("\n")[0]
+                found.append((_DECORATORS[fname], dec.args[0].value, desc))
+    return found
+
+
+def _file_loader(path: Path, module_name: str) -> Callable[[], None]:
+    def load():
+        if module_name in sys.modules:
+            return
+        if "." in module_name and module_name.rsplit(".", 1)[0] in ("tta_bench_methods", "tta_bench_tasks"):
+            try:
+                importlib.import_module(module_name)
+                return
+            except ModuleNotFoundError as e:
+                if e.name != module_name.rsplit(".", 1)[0] and e.name != module_name:
+                    raise
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+
+    return load
+
+
+def _scan_folder(folder: Path, package: str | None) -> None:
+    files = [folder] if folder.is_file() else sorted(folder.glob("*.py"))
+    for f in files:
+        if f.name.startswith("_"):
+            continue
+        if package:
+            module_name = f"{package}.{f.stem}"
+        else:
+            tag = hashlib.sha1(str(f.resolve()).encode()).hexdigest()[:8]
+            module_name = f"tta_bench_plugin_{tag}_{f.stem}"
+        for kind, name, desc in _scan_source(f):
+            REGISTRIES[kind].add(Entry(name, kind, desc, str(f), loader=_file_loader(f, module_name)))
+
+
+def _builtin_folder(kind: str) -> Path | None:
+    folder = _REPO_ROOT / {"method": "methods", "task": "tasks"}[kind]
+    if folder.is_dir():
+        return folder
+    spec = importlib.util.find_spec(_BUILTIN_PACKAGES[kind])
+    if spec and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return None
+
+
+def _entry_point_loader(ep) -> Callable[[], None]:
+    def load():
+        obj = ep.load()
+        kind = ep.group.split(".")[-1].rstrip("s")
+        if getattr(obj, "registry_name", None) is None:
+            _register(kind, ep.name, None)(obj)
+        elif normalize(obj.registry_name) != normalize(ep.name):
+            REGISTRIES[kind].add(Entry(ep.name, kind, (obj.__doc__ or "").split("\n")[0], ep.value, obj=obj))
+
+    return load
+
+
+def discover(extra_paths: list[str] | tuple[str, ...] = ()) -> None:
+    """Index every plugin source; cheap, and safe to call repeatedly."""
+    import tta_bench.models  # noqa: F401  (registers the built-in models; imports no torch)
+
+    for kind in ("method", "task"):
+        folder = _builtin_folder(kind)
+        if folder is not None and str(folder) not in _scanned:
+            _scanned.add(str(folder))
+            package = _BUILTIN_PACKAGES[kind] if folder.name in ("methods", "tasks") else None
+            _scan_folder(folder, package)
+    env = [p for p in os.environ.get("TTA_BENCH_PLUGINS", "").split(os.pathsep) if p]
+    for p in list(extra_paths) + env:
+        path = Path(p).expanduser().resolve()
+        if str(path) in _scanned:
+            continue
+        if not path.exists():
+            raise TTABenchError(f"plugin path {p} does not exist; fix `plugins:` or $TTA_BENCH_PLUGINS")
+        _scanned.add(str(path))
+        _scan_folder(path, None)
+    if "entry_points" not in _scanned:
+        _scanned.add("entry_points")
+        for kind in ("method", "task"):
+            for ep in importlib.metadata.entry_points(group=f"tta_bench.{kind}s"):
+                if normalize(ep.name) not in REGISTRIES[kind].entries:
+                    REGISTRIES[kind].add(
+                        Entry(ep.name, kind, f"(entry point {ep.value})", ep.value, loader=_entry_point_loader(ep))
+                    )
+
+
+def get(kind: str, name: str) -> Any:
+    discover()
+    return REGISTRIES[kind].get(name)
+
+
+def describe(kind: str) -> list[tuple[str, str]]:
+    discover()
+    return [(e.name, e.description) for e in sorted(REGISTRIES[kind].entries.values(), key=lambda e: e.name)]
