@@ -56,6 +56,9 @@ class Method:
         pass
 
     registry_name = ""
+    # Parameter overrides that make a cheap run on the tiny test model (validity checks and the
+    # tests parametrised over every method use them), e.g. {"train_steps": 5}.
+    quick_params: dict = {}
 
     def __init__(self, lm, params: "Method.Params", seed: int = 0, protocol=None):
         self.lm = lm
