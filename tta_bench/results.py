@@ -33,14 +33,19 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def writable_problem(folder: Path) -> str | None:
-    """Whether `folder` can be created and written, checked without creating anything."""
-    p = folder.resolve()
+    """Whether `folder` can be created and written. Probes the nearest existing ancestor with a
+    temporary file that is removed at once (permission bits alone mislead when running as root)."""
+    p = Path(folder).resolve()
     while not p.exists():
         p = p.parent
     if not p.is_dir():
-        return f"output directory {folder}: {p} is a file, not a folder; choose another output_dir"
-    if not os.access(p, os.W_OK | os.X_OK):
-        return f"output directory {folder} cannot be written ({p} is not writable); choose another output_dir"
+        return f"output directory {folder} cannot be created: {p} is a file; choose another output_dir"
+    try:
+        fd, probe = tempfile.mkstemp(dir=p, prefix=".tta_bench_probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"output directory {folder} cannot be written ({p}: {e.strerror}); choose another output_dir"
     return None
 
 
