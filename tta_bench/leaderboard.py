@@ -1,111 +1,294 @@
-"""Leaderboards from cell records: one table per (task, model), as Markdown and CSV."""
+"""Leaderboards from cell records (SPEC 7): one table per (task, model, protocol, limits, device),
+rows sorted by perplexity, as Markdown, CSV, JSON, a sortable HTML page, and a Pareto plot of
+perplexity against FLOPs. Several results folders merge, unless their provenance conflicts."""
 from __future__ import annotations
 
+import html
+import json
 import math
+import os
+import re
 from pathlib import Path
+
+import numpy as np
 
 from .errors import TTABenchError
 from .results import atomic_write, load_cells
 
-COLUMNS = ["method", "token ppl", "95% CI", "Δ ppl vs none", "word ppl", "bits/byte", "GFLOPs/token",
-           "FLOPs × none", "tokens/s", "time × none", "peak mem (MB)", "prepare (s)", "seeds"]
+# (key in a row, Markdown header, format); arrows say which way is better
+COLUMNS = [
+    ("method", "method", "s"),
+    ("token_ppl", "token ppl ↓", ".2f"),
+    ("ci95", "95% CI", ""),
+    ("delta_ppl_vs_none", "Δ ppl vs none", "+.2f"),
+    ("word_ppl", "word ppl ↓", ".2f"),
+    ("bits_per_byte", "bits/byte ↓", ".4f"),
+    ("gflops_per_token", "GFLOPs/token ↓", ".3f"),
+    ("flops_x_none", "FLOPs × none ↓", ".2f"),
+    ("tokens_per_s", "tokens/s ↑", ".0f"),
+    ("time_x_none", "time × none ↓", ".2f"),
+    ("peak_mem_mb", "peak mem MB ↓", ".0f"),
+    ("prepare_s", "prepare s", ".1f"),
+    ("seeds", "seeds", "d"),
+]
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def _group_key(rec: dict) -> tuple:
+def table_key(rec: dict) -> tuple:
     cfg, res = rec["config"], rec["resolved"]
-    task = f"{cfg['task']['name']}:{cfg['task']['split']}"
-    proto = f"seg {res['segment_len']}, ctx {res['context_len']}, reset {res['reset']}"
-    return task, cfg["model"]["name"], proto, rec["stream"]["fingerprint"], rec["costs"]["device"]
+    limits = ", ".join(f"{k} {v}" for k, v in sorted(cfg["limits"].items()) if v) or "no limits"
+    return (f"{cfg['task']['name']}:{cfg['task']['split']}", cfg["model"]["name"],
+            f"segment {res['segment_len']}, context {res['context_len']}, reset {res['reset']}", limits,
+            rec["costs"]["device"])
+
+
+def _provenance(rec: dict) -> dict:
+    return {"harness version": rec["provenance"]["versions"].get("tta-bench"),
+            "data hash": rec["stream"]["fingerprint"],
+            "model hash": rec["resolved"]["model_fingerprint"]}
+
+
+def load_records(dirs: list[Path], allow_mixed: bool = False) -> list[dict]:
+    """Cells of every folder; one copy of a cell computed twice; refuse conflicting provenance."""
+    seen, records = {}, []
+    for d in dirs:
+        if not (Path(d) / "cells").is_dir():
+            raise TTABenchError(f"{d} has no cells/ folder; give a results folder written by `tta-bench run`")
+        for rec in load_cells(Path(d)):
+            if rec["cell_id"] not in seen:
+                seen[rec["cell_id"]] = d
+                records.append(rec)
+    if not records:
+        raise TTABenchError(f"no cell records under {', '.join(map(str, dirs))}; run a bench first")
+    if not allow_mixed:
+        by_key: dict[tuple, dict[str, set]] = {}
+        for rec in records:
+            for what, value in _provenance(rec).items():
+                by_key.setdefault(table_key(rec), {}).setdefault(what, set()).add(value)
+        for key, found in by_key.items():
+            for what, values in found.items():
+                if len(values) > 1:
+                    raise TTABenchError(f"cells for {key[0]} · {key[1]} disagree on {what} ({', '.join(sorted(map(str, values)))});"
+                                        " merge only comparable results, or pass --allow-mixed")
+    return records
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def rows(records: list[dict]) -> dict[tuple, list[dict]]:
-    """Table rows per (task, model, protocol, stream, device); seeds of one method are averaged."""
-    import numpy as np
-
+    """Table rows per key; the seeds of one method setting give mean and std."""
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for rec in records:
-        groups.setdefault(_group_key(rec), {}).setdefault(rec["label"], []).append(rec)
+        groups.setdefault(table_key(rec), {}).setdefault(rec["label"], []).append(rec)
     tables = {}
     for key, by_label in groups.items():
-        def mean(recs, get):
-            vals = [get(r) for r in recs]
-            vals = [v for v in vals if v is not None]
-            return float(np.mean(vals)) if vals else None
+        def stats(recs):
+            ppl = [r["metrics"]["token_ppl"] for r in recs]
+            return {
+                "token_ppl": _mean(ppl),
+                "token_ppl_std": float(np.std(ppl, ddof=1)) if len(ppl) > 1 else None,
+                "ci95_low": _mean(r["metrics"]["ci95"]["token_ppl"][0] for r in recs),
+                "ci95_high": _mean(r["metrics"]["ci95"]["token_ppl"][1] for r in recs),
+                "word_ppl": _mean(r["metrics"]["word_ppl"] for r in recs),
+                "bits_per_byte": _mean(r["metrics"]["bits_per_byte"] for r in recs),
+                "gflops_per_token": _mean(r["costs"]["gflops_per_token"] for r in recs),
+                "tokens_per_s": _mean(r["costs"]["tokens_per_second"] for r in recs),
+                "sec_per_token": _mean(1 / r["costs"]["tokens_per_second"] for r in recs if r["costs"]["tokens_per_second"]),
+                "peak_mem_mb": _mean(r["costs"]["peak_memory_bytes"] / 2**20 for r in recs),
+                "prepare_s": _mean(r["costs"]["prepare_seconds"] for r in recs),
+                "seeds": len(recs),
+            }
 
-        base = by_label.get("none")
-        base_flops = mean(base, lambda r: r["costs"]["gflops_per_token"]) if base else None
-        base_time = mean(base, lambda r: r["costs"]["eval_seconds"] / r["stream"]["n_tokens"]) if base else None
-        base_ppl = mean(base, lambda r: r["metrics"]["token_ppl"]) if base else None
+        base = stats(by_label["none"]) if "none" in by_label else None
         out = []
         for label, recs in by_label.items():
-            ppl = mean(recs, lambda r: r["metrics"]["token_ppl"])
-            flops = mean(recs, lambda r: r["costs"]["gflops_per_token"])
-            sec_per_tok = mean(recs, lambda r: r["costs"]["eval_seconds"] / r["stream"]["n_tokens"])
-            out.append({
-                "method": label,
-                "token_ppl": ppl,
-                "token_ppl_std": float(np.std([r["metrics"]["token_ppl"] for r in recs], ddof=1)) if len(recs) > 1 else None,
-                "ci95_low": mean(recs, lambda r: r["metrics"]["ci95"]["token_ppl"][0]),
-                "ci95_high": mean(recs, lambda r: r["metrics"]["ci95"]["token_ppl"][1]),
-                "delta_ppl_vs_none": ppl - base_ppl if base_ppl is not None else None,
-                "word_ppl": mean(recs, lambda r: r["metrics"]["word_ppl"]),
-                "bits_per_byte": mean(recs, lambda r: r["metrics"]["bits_per_byte"]),
-                "gflops_per_token": flops,
-                "flops_x_none": flops / base_flops if base_flops else None,
-                "tokens_per_s": mean(recs, lambda r: r["costs"]["tokens_per_second"]),
-                "time_x_none": sec_per_tok / base_time if base_time else None,
-                "peak_mem_mb": mean(recs, lambda r: r["costs"]["peak_memory_bytes"] / 2**20),
-                "prepare_s": mean(recs, lambda r: r["costs"]["prepare_seconds"]),
-                "seeds": len(recs),
-            })
+            s = stats(recs)
+            ratio = lambda k: s[k] / base[k] if base and s[k] is not None and base[k] else None  # noqa: E731
+            s.update(method=label,
+                     delta_ppl_vs_none=s["token_ppl"] - base["token_ppl"] if base else None,
+                     delta_pct_vs_none=100 * (s["token_ppl"] / base["token_ppl"] - 1) if base else None,
+                     flops_x_none=ratio("gflops_per_token"), time_x_none=ratio("sec_per_token"))
+            out.append(s)
         out.sort(key=lambda r: r["token_ppl"])
         tables[key] = out
     return tables
 
 
-def _fmt(v, spec: str, na: str = "n/a") -> str:
+def _fmt(v, spec: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
-        return na
-    return format(v, spec)
+        return "n/a"
+    return format(v, spec) if spec else str(v)
 
 
-def markdown(tables: dict[tuple, list[dict]]) -> str:
+def _cell_text(r: dict, key: str, spec: str) -> str:
+    if key == "token_ppl":
+        return _fmt(r["token_ppl"], spec) + (f" ± {r['token_ppl_std']:.2f}" if r["token_ppl_std"] is not None else "")
+    if key == "ci95":
+        return f"[{_fmt(r['ci95_low'], '.2f')}, {_fmt(r['ci95_high'], '.2f')}]"
+    if key == "delta_ppl_vs_none":
+        d = r["delta_ppl_vs_none"]
+        if d is None:
+            return "n/a"
+        if r["method"] == "none":
+            return "—"
+        return f"{'↓' if d < 0 else '↑'} {d:+.2f} ({r['delta_pct_vs_none']:+.1f}%)"
+    return _fmt(r[key], spec)
+
+
+def _title(key: tuple) -> str:
+    return f"{key[0]} · {key[1]}"
+
+
+def _subtitle(key: tuple) -> str:
+    return f"{key[2]}; {key[3]}; device: {key[4]}"
+
+
+def slug(key: tuple) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", f"{key[0]}-{key[1]}-{key[2]}-{key[3]}").strip("-").lower()
+
+
+def markdown(tables: dict[tuple, list[dict]], level: int = 2, plots: dict | None = None) -> str:
     from tabulate import tabulate
 
-    parts = ["# tta-bench leaderboard", "",
-             "Lower is better for perplexity (↓) and bits/byte (↓); ratios are to `none` on the identical stream and device.", ""]
-    for (task, model, proto, fingerprint, device), table in sorted(tables.items()):
-        parts.append(f"## {task} · {model}")
-        parts.append(f"_{proto}; stream {fingerprint}; device: {device}_")
+    parts = []
+    for key, table in sorted(tables.items()):
+        parts += [f"{'#' * level} {_title(key)}", "", f"_{_subtitle(key)}_", ""]
+        body = [[_cell_text(r, k, spec) for k, _, spec in COLUMNS] for r in table]
+        parts.append(tabulate(body, headers=[h for _, h, _ in COLUMNS], tablefmt="github", disable_numparse=True))
+        if plots and key in plots:
+            parts += ["", f"![perplexity against FLOPs, {_title(key)}]({plots[key]})"]
         parts.append("")
-        body = []
+    parts.append("Rows sorted by token perplexity. ± is the std over seeds; the 95% CI is a bootstrap over documents."
+                 " Ratios (× none) are to the `none` cell on the identical stream and device; n/a where there is none.")
+    return "\n".join(parts) + "\n"
+
+
+def html_page(tables: dict[tuple, list[dict]], plots: dict | None = None) -> str:
+    """One self-contained page; click a header to sort (numbers by value, n/a last)."""
+    out = ["<!doctype html><meta charset='utf-8'><title>tta-bench leaderboard</title>",
+           "<style>body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1em}"
+           "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
+           "th{cursor:pointer;background:#f4f4f4}img{max-width:720px}</style>",
+           "<h1>tta-bench leaderboard</h1>"]
+    for key, table in sorted(tables.items()):
+        out.append(f"<h2>{html.escape(_title(key))}</h2><p><i>{html.escape(_subtitle(key))}</i></p><table class='lb'><thead><tr>")
+        out += [f"<th>{html.escape(h)}</th>" for _, h, _ in COLUMNS]
+        out.append("</tr></thead><tbody>")
         for r in table:
-            ppl = _fmt(r["token_ppl"], ".2f") + (f" ± {r['token_ppl_std']:.2f}" if r["token_ppl_std"] else "")
-            delta = r["delta_ppl_vs_none"]
-            arrow = "" if delta is None or abs(delta) < 1e-9 else ("↓ " if delta < 0 else "↑ ")
-            body.append([r["method"], ppl, f"[{_fmt(r['ci95_low'], '.2f')}, {_fmt(r['ci95_high'], '.2f')}]",
-                         arrow + _fmt(delta, "+.2f"), _fmt(r["word_ppl"], ".2f"), _fmt(r["bits_per_byte"], ".4f"),
-                         _fmt(r["gflops_per_token"], ".3f"), _fmt(r["flops_x_none"], ".2f"), _fmt(r["tokens_per_s"], ".0f"),
-                         _fmt(r["time_x_none"], ".2f"), _fmt(r["peak_mem_mb"], ".0f"), _fmt(r["prepare_s"], ".1f"), r["seeds"]])
-        parts.append(tabulate(body, headers=[c + (" ↓" if c in ("token ppl", "bits/byte") else "") for c in COLUMNS],
-                              tablefmt="github", disable_numparse=True))
-        parts.append("")
-    return "\n".join(parts)
+            cells = []
+            for k, _, spec in COLUMNS:
+                raw = {"ci95": r["ci95_low"], "method": None}.get(k, r.get(k))
+                sort_value = "" if raw is None or isinstance(raw, str) else repr(float(raw))
+                cells.append(f"<td data-v='{sort_value}'>{html.escape(_cell_text(r, k, spec))}</td>")
+            out.append("<tr>" + "".join(cells) + "</tr>")
+        out.append("</tbody></table>")
+        if plots and key in plots:
+            out.append(f"<img src='{html.escape(plots[key])}' alt='perplexity against FLOPs'>")
+    out.append("""<script>
+document.querySelectorAll('table.lb th').forEach((th, i) => th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0], up = th.dataset.dir !== 'asc';
+  th.dataset.dir = up ? 'asc' : 'desc';
+  const val = tr => { const c = tr.cells[i]; return c.dataset.v === '' ? null : parseFloat(c.dataset.v); };
+  [...body.rows].sort((a, b) => {
+    const x = val(a), y = val(b);
+    if (x === null && y === null) return a.cells[i].textContent.localeCompare(b.cells[i].textContent) * (up ? 1 : -1);
+    if (x === null) return 1; if (y === null) return -1;
+    return (x - y) * (up ? 1 : -1);
+  }).forEach(tr => body.appendChild(tr));
+}));
+</script>""")
+    return "\n".join(out) + "\n"
 
 
-def write_leaderboard(run_dir: Path) -> list[Path]:
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points no other point beats on both cost (x) and perplexity (y), by increasing x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot(key: tuple, table: list[dict], stem: Path) -> list[Path]:
+    """Perplexity against FLOPs (× none when a none cell exists), labelled points, Pareto front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    use_ratio = all(r["flops_x_none"] is not None for r in table)
+    xkey = "flops_x_none" if use_ratio else "gflops_per_token"
+    pts = [(r[xkey], r["token_ppl"]) for r in table]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for r, (x, y) in zip(table, pts):
+        err = [[y - r["ci95_low"]], [r["ci95_high"] - y]] if r["ci95_low"] is not None else None
+        ax.errorbar([x], [y], yerr=err, fmt="o", capsize=3, color="tab:blue")
+        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    front = pareto_front(pts)
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--o", color="tab:red", markersize=12,
+            markerfacecolor="none", label="Pareto front (no method both cheaper and better)")
+    ax.set_xlabel("FLOPs per token × none" if use_ratio else "GFLOPs per token")
+    ax.set_ylabel("token perplexity (95% CI)")
+    ax.set_title(f"{_title(key)}\n{key[2]}; {key[3]}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    xs = [p[0] for p in pts]
+    pad = (max(xs) - min(xs)) * 0.15 or max(xs) * 0.1 or 1
+    ax.set_xlim(min(xs) - pad, max(xs) + 2 * pad)
+    fig.tight_layout()
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    for p in paths:
+        fig.savefig(p)
+    plt.close(fig)
+    return paths
+
+
+def write_leaderboard(dirs, out: Path | None = None, allow_mixed: bool = False, readme: Path | None = None) -> list[Path]:
+    """Write leaderboard.{md,csv,json,html} and a plot per table into `out` (default: the first folder)."""
     import pandas as pd
 
-    records = load_cells(run_dir)
-    if not records:
-        raise TTABenchError(f"no cell records under {run_dir}/cells; run a bench first")
-    tables = rows(records)
-    md = run_dir / "leaderboard.md"
-    atomic_write(md, markdown(tables))
-    flat = []
-    for (task, model, proto, fingerprint, device), table in sorted(tables.items()):
-        for r in table:
-            flat.append({"task": task, "model": model, "protocol": proto, "stream": fingerprint, "device": device, **r})
-    csv = run_dir / "leaderboard.csv"
-    atomic_write(csv, pd.DataFrame(flat).to_csv(index=False))
-    return [md, csv]
+    dirs = [Path(d) for d in (dirs if isinstance(dirs, (list, tuple)) else [dirs])]
+    out = Path(out) if out else dirs[0]
+    tables = rows(load_records(dirs, allow_mixed))
+    out.mkdir(parents=True, exist_ok=True)
+    written, plots = [], {}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        matplotlib = None
+    if matplotlib is not None:
+        for key, table in tables.items():
+            paths = plot(key, table, out / f"plot-{slug(key)}")
+            plots[key] = paths[0].name
+            written += paths
+    md = out / "leaderboard.md"
+    atomic_write(md, "# tta-bench leaderboard\n\n" + markdown(tables, plots=plots))
+    flat = [{"task": k[0], "model": k[1], "protocol": k[2], "limits": k[3], "device": k[4], **r}
+            for k, table in sorted(tables.items()) for r in table]
+    frame = pd.DataFrame(flat)
+    atomic_write(out / "leaderboard.csv", frame.to_csv(index=False))
+    atomic_write(out / "leaderboard.json", json.dumps(json.loads(frame.to_json(orient="records")), indent=1))
+    atomic_write(out / "leaderboard.html", html_page(tables, plots))
+    written += [md, out / "leaderboard.csv", out / "leaderboard.json", out / "leaderboard.html"]
+    if readme is not None:
+        readme = Path(readme)
+        update_readme(readme, tables, {k: os.path.relpath(out / v, readme.resolve().parent) for k, v in plots.items()}, out)
+        written.append(Path(readme))
+    return written
+
+
+def update_readme(readme: Path, tables: dict, plots: dict, out: Path) -> None:
+    """Replace the README's results block (between the markers) with these tables."""
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise TTABenchError(f"{readme} has no {README_START} ... {README_END} block; add the two markers where the results go")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    note = f"_Generated by `python -m tta_bench leaderboard {out} --readme {readme.name}` from the committed cell files._\n\n"
+    block = f"{README_START}\n{note}{markdown(tables, level=3, plots={k: v.replace(os.sep, '/') for k, v in plots.items()})}{README_END}"
+    atomic_write(readme, head + block + tail)

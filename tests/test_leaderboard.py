@@ -1,0 +1,155 @@
+"""Leaderboards (SPEC 7): every number recomputed independently from the cell files."""
+import json
+import math
+import shutil
+import textwrap
+
+import pandas as pd
+import pytest
+
+from tests.conftest import write_bench
+from tta_bench.errors import TTABenchError
+from tta_bench.leaderboard import pareto_front, write_leaderboard
+from tta_bench.runner import run
+
+PLUGIN = textwrap.dedent('''
+    import math
+    from dataclasses import dataclass
+
+    import torch
+
+    from tta_bench import register_method
+    from tta_bench.method import Method
+
+
+    @register_method("lb-uniform")
+    class Uniform(Method):
+        """Uniform over the vocabulary."""
+
+        def score(self, seg):
+            return torch.full((seg.n, self.lm.vocab_size), -math.log(self.lm.vocab_size))
+
+
+    @register_method("lb-temperature")
+    class Temperature(Method):
+        """The base model's logits divided by a temperature; a made-up adaptation cost."""
+
+        @dataclass
+        class Params:
+            t: float = 2.0
+
+        @torch.no_grad()
+        def score(self, seg):
+            return torch.log_softmax(self.lm.logits(self.lm.hidden(seg.ids)[0, -seg.n:]) / self.params.t, -1)
+
+        def adapt(self, seg):
+            self.ledger.add("adapt.made_up", 1e6 * seg.n)
+''')
+
+
+@pytest.fixture()
+def results(tmp_path, corpus):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "lb.py").write_text(PLUGIN)
+    bench = write_bench(tmp_path, corpus, plugins=[str(plugins)], seeds=[0, 1],
+                        methods=["none", "lb-uniform", {"name": "lb-temperature", "t": 2.0}])
+    return run(str(bench), log=lambda *a: None), bench
+
+
+def _independent(cells: list[dict]) -> dict[str, dict]:
+    """Per method label: the leaderboard's numbers from the raw per-document NLLs and costs."""
+    out = {}
+    for label in {c["label"] for c in cells}:
+        cs = [c for c in cells if c["label"] == label]
+        ppl = [math.exp(sum(d["nll"] for d in c["per_doc"]) / sum(d["tokens"] for d in c["per_doc"])) for c in cs]
+        mean = sum(ppl) / len(ppl)
+        flops = [sum(c["costs"]["flops"].values()) / sum(d["tokens"] for d in c["per_doc"]) / 1e9 for c in cs]
+        bpb = [sum(d["nll"] for d in c["per_doc"]) / math.log(2) / sum(d["bytes"] for d in c["per_doc"]) for c in cs]
+        spt = [1 / c["costs"]["tokens_per_second"] for c in cs]
+        out[label] = {"token_ppl": mean, "std": math.sqrt(sum((p - mean) ** 2 for p in ppl) / (len(ppl) - 1)),
+                      "gflops": sum(flops) / len(flops), "bpb": sum(bpb) / len(bpb), "spt": sum(spt) / len(spt),
+                      "ci_low": sum(c["metrics"]["ci95"]["token_ppl"][0] for c in cs) / len(cs), "seeds": len(cs)}
+    return out
+
+
+def test_every_table_number_matches_the_cell_files(results):
+    run_dir, _ = results
+    cells = [json.loads(p.read_text()) for p in (run_dir / "cells").glob("*.json")]
+    assert len(cells) == 6
+    ref = _independent(cells)
+    table = pd.read_csv(run_dir / "leaderboard.csv")
+    as_json = json.loads((run_dir / "leaderboard.json").read_text())
+    md = (run_dir / "leaderboard.md").read_text()
+    assert list(table["token_ppl"]) == sorted(table["token_ppl"])
+    assert len(table) == len(as_json) == 3
+    for _, row in table.iterrows():
+        r, none = ref[row["method"]], ref["none"]
+        assert row["token_ppl"] == pytest.approx(r["token_ppl"])
+        assert row["seeds"] == r["seeds"] == 2
+        assert row["token_ppl_std"] == pytest.approx(r["std"], abs=1e-9)
+        assert row["bits_per_byte"] == pytest.approx(r["bpb"])
+        assert row["gflops_per_token"] == pytest.approx(r["gflops"])
+        assert row["flops_x_none"] == pytest.approx(r["gflops"] / none["gflops"])
+        assert row["time_x_none"] == pytest.approx(r["spt"] / none["spt"])
+        assert row["delta_ppl_vs_none"] == pytest.approx(r["token_ppl"] - none["token_ppl"])
+        assert row["ci95_low"] == pytest.approx(r["ci_low"])
+        j = next(x for x in as_json if x["method"] == row["method"])
+        assert j["token_ppl"] == pytest.approx(r["token_ppl"])
+        assert f"| {row['method']}" in md and f"{r['token_ppl']:.2f} ± {r['std']:.2f}" in md
+    assert ref["lb-uniform"]["token_ppl"] == pytest.approx(258)  # closed form
+    assert ref["lb-uniform"]["gflops"] == 0 and table.set_index("method").loc["lb-uniform", "flops_x_none"] == 0
+    for ext in ("png", "svg"):
+        assert len(list(run_dir.glob(f"plot-*.{ext}"))) == 1
+    page = (run_dir / "leaderboard.html").read_text()
+    assert page.count("<tr>") == 1 + 3 and "lb-temperature" in page and "<script>" in page
+
+
+def test_without_a_none_cell_ratios_are_na(results, tmp_path):
+    run_dir, _ = results
+    alone = tmp_path / "alone"
+    (alone / "cells").mkdir(parents=True)
+    for p in (run_dir / "cells").glob("*.json"):
+        if json.loads(p.read_text())["label"] != "none":
+            shutil.copy(p, alone / "cells")
+    write_leaderboard(alone)
+    table = pd.read_csv(alone / "leaderboard.csv")
+    assert table["flops_x_none"].isna().all() and table["time_x_none"].isna().all()
+    assert "n/a" in (alone / "leaderboard.md").read_text()
+
+
+def test_merging_folders_refuses_conflicting_provenance(results, tmp_path):
+    run_dir, _ = results
+    other = tmp_path / "other"
+    (other / "cells").mkdir(parents=True)
+    for p in (run_dir / "cells").glob("*.json"):
+        rec = json.loads(p.read_text())
+        if rec["label"] == "none":
+            rec["cell_id"] = "x" + rec["cell_id"][1:]  # the same cell computed elsewhere ...
+            rec["stream"]["fingerprint"] = "different-data"  # ... on different data
+            (other / "cells" / f"{rec['cell_id']}.json").write_text(json.dumps(rec))
+    with pytest.raises(TTABenchError, match="data hash"):
+        write_leaderboard([run_dir, other], out=tmp_path / "merged")
+    write_leaderboard([run_dir, other], out=tmp_path / "merged", allow_mixed=True)
+    merged = pd.read_csv(tmp_path / "merged" / "leaderboard.csv")
+    assert merged.set_index("method").loc["none", "seeds"] == 4  # two seeds from each folder
+    # folders with the same cells merge without duplicates
+    write_leaderboard([run_dir, run_dir], out=tmp_path / "same")
+    assert pd.read_csv(tmp_path / "same" / "leaderboard.csv")["seeds"].tolist() == [2, 2, 2]
+
+
+def test_pareto_front_is_the_set_of_undominated_points():
+    pts = [(1.0, 30.0), (2.0, 25.0), (3.0, 26.0), (1.5, 31.0), (4.0, 20.0), (0.5, 40.0)]
+    front = pareto_front(pts)
+    dominated = {i for i, (x, y) in enumerate(pts) if any(x2 <= x and y2 <= y and (x2, y2) != (x, y) for x2, y2 in pts)}
+    assert set(front) == set(range(len(pts))) - dominated
+
+
+def test_readme_block_is_regenerated_in_place(results, tmp_path):
+    run_dir, _ = results
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\noutro\n")
+    write_leaderboard(run_dir, readme=readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "| lb-uniform" in text and "![perplexity against FLOPs" in text
