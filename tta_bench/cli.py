@@ -1,4 +1,4 @@
-"""Command line: run, validate, list, leaderboard."""
+"""Command line: run, validate, list, leaderboard, check."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +10,16 @@ from .errors import TTABenchError
 def _cmd_run(args) -> int:
     from .runner import run
 
-    run(args.bench, force=args.force, progress=False if args.no_progress else None)
+    run(args.bench, force=args.force, progress=False if args.no_progress else None, check=True if args.check else None)
     return 0
+
+
+def _cmd_check(args) -> int:
+    from .checks import run_checks
+
+    ok = run_checks(args.bench, model=args.model, device=args.device, only_bench=args.only_bench,
+                    full_params=args.full_params, json_path=args.json)
+    return 0 if ok else 1
 
 
 def _cmd_validate(args) -> int:
@@ -53,9 +61,15 @@ def _cmd_leaderboard(args) -> int:
 
     from .leaderboard import write_leaderboard
 
-    for out in write_leaderboard(Path(args.results)):
+    for out in write_leaderboard([Path(r) for r in args.results], out=args.out, allow_mixed=args.allow_mixed, readme=args.readme):
         print(f"wrote {out}")
     return 0
+
+
+def _cmd_train_fwl(args) -> int:
+    from .fwl import train_command
+
+    return train_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("bench")
     r.add_argument("--force", action="store_true", help="recompute cells that already have results")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--check", action="store_true", help="also run the validity checks of each cell's setting; stored in its record")
     r.set_defaults(fn=_cmd_run)
+    c = sub.add_parser("check", help="validity checks (causality, normalisation, split separation, determinism) of every method")
+    c.add_argument("bench")
+    c.add_argument("--model", default="tiny", help="model to check on (default: tiny, the 2-layer test model)")
+    c.add_argument("--device", default="cpu", help="device (default: cpu; determinism is checked on CPU only)")
+    c.add_argument("--only-bench", action="store_true", help="only the bench's method settings, not every registered method")
+    c.add_argument("--full-params", action="store_true", help="the settings as given, without each method's quick_params")
+    c.add_argument("--json", help="also write the full reports to this JSON file")
+    c.set_defaults(fn=_cmd_check)
     v = sub.add_parser("validate", help="check a bench file and report every problem")
     v.add_argument("bench")
     v.set_defaults(fn=_cmd_validate)
@@ -73,9 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("kind", nargs="?", choices=["methods", "tasks", "models"])
     ls.add_argument("--plugins", nargs="*", help="extra plugin folders or files")
     ls.set_defaults(fn=_cmd_list)
-    lb = sub.add_parser("leaderboard", help="write Markdown and CSV leaderboards for a results folder")
-    lb.add_argument("results")
+    lb = sub.add_parser("leaderboard", help="Markdown, CSV, JSON, HTML tables and Pareto plots from one or more results folders")
+    lb.add_argument("results", nargs="+", help="results folders (e.g. results/default); several are merged")
+    lb.add_argument("--out", help="where to write (default: the first folder)")
+    lb.add_argument("--allow-mixed", action="store_true", help="merge cells whose provenance (harness version, data or model hash) differs")
+    lb.add_argument("--readme", help="also replace the results block of this README")
     lb.set_defaults(fn=_cmd_leaderboard)
+    tf = sub.add_parser("train-fwl", help="meta-train a Fast Weight Layer block; the checkpoint is cached where the fwl method finds it")
+    tf.add_argument("--model", default="smollm2-135m")
+    tf.add_argument("--task", default="wikitext-2")
+    tf.add_argument("--split", default="valid", help="the split to train on (never the one you will evaluate)")
+    tf.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE", help="a task parameter (YAML value), e.g. splits={train: corpus/}")
+    tf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an fwl method parameter, e.g. train_steps=300")
+    tf.add_argument("--device", default="auto")
+    tf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    tf.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
+    tf.add_argument("--out", help="also copy the checkpoint here")
+    tf.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tf.set_defaults(fn=_cmd_train_fwl)
     return p
 
 

@@ -10,6 +10,7 @@
     models: [smollm2-135m]       # or {name: REF, label: ..., revision: ..., source: ...}
     tasks: [wikitext-2]          # or {name: wikitext-2, split: test, prepare_split: valid, <task params>}
     methods:                     # or {name: M, label: ..., <method params>}; a list value is a grid axis
+                                 # select_on: valid -> one cell: the grid's best setting on that split, evaluated
       - none
     plugins: []                  # extra folders/files with @register_method / @register_task
     progress: true
@@ -59,7 +60,15 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return self.method.get("label") or method_label(self.method["name"], self.method["params"])
+        m = self.method
+        if m.get("label") or "grid" not in m:
+            return m.get("label") or method_label(m["name"], m["params"])
+        axes = {}  # a selection cell: its grid axes, each value once, in order
+        for setting in m["grid"]:
+            for k, v in setting.items():
+                if k not in m["params"] and v not in axes.setdefault(k, []):
+                    axes[k].append(v)
+        return method_label(m["name"], {**m["params"], **axes, "select_on": m["select_on"]})
 
 
 def method_label(name: str, params: dict) -> str:
@@ -263,7 +272,20 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
         except TTABenchError as e:
             problems.append(f"{where}: {e}")
             continue
-        axes = {k: (v if isinstance(v, list) else [v]) for k, v in m.items() if k not in ("name", "label")}
+        axes = {k: (v if isinstance(v, list) else [v]) for k, v in m.items() if k not in ("name", "label", "select_on")}
+        select_on, grid = m.get("select_on"), []
+        if select_on is not None:
+            if not isinstance(select_on, str) or not select_on:
+                problems.append(f"{where}.select_on: must be a split name, e.g. valid")
+                continue
+            for t in cfg.tasks:
+                if select_on == t["split"]:
+                    problems.append(f"{where}.select_on: choosing on the evaluated split '{select_on}' is refused;"
+                                    " select on another split (e.g. valid)")
+                else:
+                    problem = registry.get("task", t["name"])(**t["params"]).problem(select_on)
+                    if problem:
+                        problems.append(f"{where}.select_on: {problem}")
         if any(not vals for vals in axes.values()):
             problems.append(f"{where}: an empty list gives no settings; remove it or give values")
             continue
@@ -274,9 +296,18 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
                 problems.extend(e for e in errs if e not in problems)
                 continue
             given = {k: getattr(params, k) for k in values}
+            if select_on is not None:
+                grid.append(given)
+                continue
             entry = {"name": cls.registry_name, "params": given}
             if "label" in m:
                 entry["label"] = m["label"] if len(axes) == 0 or all(len(v) == 1 for v in axes.values()) else f"{m['label']}{given}"
+            cfg.methods.append(entry)
+        if grid:  # one cell: the runner picks the best setting on select_on, then evaluates with it
+            entry = {"name": cls.registry_name, "params": {k: grid[0][k] for k, v in axes.items() if len(v) == 1},
+                     "grid": grid, "select_on": select_on}
+            if "label" in m:
+                entry["label"] = m["label"]
             cfg.methods.append(entry)
 
     for k in ("models", "tasks", "methods"):

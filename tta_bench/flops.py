@@ -50,9 +50,26 @@ def dispatch_flops(fn: Callable[[], Any]) -> float:
     FlopCounterMode counts a multiply-add as two flops, so the count is halved."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_formulas()) as counter:
         fn()
     return counter.get_total_flops() / 2
+
+
+def _cpu_sdpa_formulas() -> dict:
+    """FlopCounterMode lacks the CPU flash-attention kernels: count them as it counts the CUDA ones
+    (two flops per multiply-add; backward twice the forward), by query heads so grouped KV works."""
+    import torch
+
+    aten = torch.ops.aten
+
+    def forward(q, k, v, *args, **kwargs):
+        return 2 * prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+    def backward(grad_out, q, k, v, *args, **kwargs):
+        return 2 * forward(q, k, v)
+
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
 
 
 class Ledger:

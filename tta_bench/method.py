@@ -82,6 +82,10 @@ class Method:
     def adapt(self, seg: Segment) -> None:
         """Learn from a segment that has been scored."""
 
+    def close(self) -> None:
+        """End of the cell (always called, also after an error): give the shared model back as it was
+        found (weights, requires_grad), since the runner reuses one loaded LM across cells."""
+
     # -- parameters --------------------------------------------------------------------------
     @classmethod
     def param_fields(cls) -> dict[str, dataclasses.Field]:

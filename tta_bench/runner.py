@@ -18,10 +18,36 @@ def _peak_reset(device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)  # memory kept by _retain_freed_memory goes back first
     try:  # Linux: writing 5 resets the peak RSS (VmHWM) of this process
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
+
+
+def _glibc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _retain_freed_memory() -> None:
+    """glibc hands big freed blocks back to the OS, so tensors allocated afresh every segment (a
+    backward's vocab x d head gradient, logits) page-fault again each time: up to a fifth of a
+    dynamic-evaluation segment on CPU. Keep them in the heap while a cell runs (process-wide, set
+    before any cell so that `none` and every method are timed alike; _peak_reset trims the heap
+    between cells so peaks stay per cell). No-op off glibc."""
+    import ctypes
+
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, ctypes.c_int(1 << 30))  # M_MMAP_THRESHOLD: heap, not mmap, below 1 GiB
+        libc.mallopt(-1, ctypes.c_int(2**31 - 1))  # M_TRIM_THRESHOLD: do not give the heap top back
 
 
 def _peak_read(device) -> tuple[int, str]:
@@ -96,6 +122,10 @@ def run_cell(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool = T
     from .method import PrepareData, method_class
     from .metrics import bootstrap_ci, summarize
 
+    if "grid" in cell.method:
+        return run_selected(cell, lm, streams, progress, observer)
+    if lm.device.type == "cpu":
+        _retain_freed_memory()
     protocol = resolve_protocol(cell.protocol, lm)
     stream = streams.get(lm, cell.task, cell.task["split"], cell.limits)
     if stream.n_tokens == 0:
@@ -120,13 +150,16 @@ def run_cell(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool = T
     device = lm.device
     lm.ledger.enabled = False  # prepare's compute is reported as time, not per-token flops
     t0 = time.perf_counter()
-    method.prepare(PrepareData(prep_split, load_prepare))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    prepare_s = time.perf_counter() - t0
-    lm.ledger.enabled = True
-    _peak_reset(device)
-    result = evaluate(method, stream, protocol, progress=progress, observer=observer)
+    try:
+        method.prepare(PrepareData(prep_split, load_prepare))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        prepare_s = time.perf_counter() - t0
+        lm.ledger.enabled = True
+        _peak_reset(device)
+        result = evaluate(method, stream, protocol, progress=progress, observer=observer)
+    finally:
+        method.close()  # the loaded model is shared by the next cells
     peak, peak_kind = _peak_read(device)
     costs = lm.ledger.resolve()
     n_tokens = stream.n_tokens
@@ -174,15 +207,52 @@ def run_cell(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool = T
     }
 
 
+def run_selected(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool = True, observer=None) -> dict:
+    """A `select_on` cell: evaluate every grid setting on the selection split (never the evaluated one),
+    then the evaluated split with the setting of lowest NLL; the record says which split chose."""
+    import dataclasses
+
+    from .registry import get
+
+    sel, task = cell.method["select_on"], cell.task
+    if sel == task["split"]:
+        raise TTABenchError(f"choosing a setting on the evaluated split '{sel}' is refused; set select_on to another split")
+    # prepare, while selecting, may see neither the selection split nor the evaluated one
+    splits = [task["prepare_split"], *get("task", task["name"])(**task["params"]).available_splits()]
+    prep = next((s for s in splits if s and s not in (sel, task["split"])), None)
+    tried, first_error = [], None
+    for params in cell.method["grid"]:
+        sub = dataclasses.replace(cell, task={**task, "split": sel, "prepare_split": prep},
+                                  method={"name": cell.method["name"], "params": params})
+        try:
+            m = run_cell(sub, lm, streams, progress=progress)["metrics"]
+            tried.append({"params": params, "token_ppl": m["token_ppl"], "nll_sum": m["nll_sum"], "n_tokens": m["n_tokens"]})
+        except TTABenchError as e:  # e.g. a learning rate that diverges: that setting loses
+            first_error = first_error or e
+            tried.append({"params": params, "token_ppl": None, "nll_sum": None, "error": str(e)})
+    ok = [t for t in tried if t["nll_sum"] is not None]
+    if not ok:
+        raise TTABenchError(f"every setting failed on the selection split '{sel}': {first_error}")
+    best = min(ok, key=lambda t: t["nll_sum"])
+    final = dataclasses.replace(cell, method={"name": cell.method["name"], "params": best["params"]})
+    record = run_cell(final, lm, streams, progress=progress, observer=observer)
+    record.update(cell_id=cell.cell_id, label=cell.label, config=cell.as_dict())
+    record["selection"] = {"split": sel, "prepare_split": prep, "criterion": "lowest token NLL on the selection split",
+                           "chosen": best["params"], "candidates": tried}
+    return record
+
+
 def provenance_device(device) -> str:
     from .results import device_name
 
     return device_name(device)
 
 
-def run(path: str, force: bool = False, progress: bool | None = None, log=print) -> Path:
-    """Run every cell of the bench file not yet finished; return the run folder."""
+def run(path: str, force: bool = False, progress: bool | None = None, log=print, check: bool | None = None) -> Path:
+    """Run every cell of the bench file not yet finished; return the run folder. With check (or the
+    bench's `check: true`) each cell's record also holds the validity checks of its setting (SPEC 6)."""
     cfg = config_mod.load(path)
+    check = cfg.check if check is None else check
     preflight(cfg)
     from .models import load_model, resolve_device
 
@@ -205,6 +275,11 @@ def run(path: str, force: bool = False, progress: bool | None = None, log=print)
         for i, cell in enumerate(group, 1):
             log(f"[{i}/{len(group)}] {cell.label} on {cell.task['name']}:{cell.task['split']} seed {cell.seed}")
             record = run_cell(cell, lm, streams, progress=show)
+            if check:
+                from .checks import check_cell, failures
+
+                record["checks"] = check_cell(cell, record, lm)
+                log("    checks: " + ("all pass" if record["checks"]["passed"] else "FAILED: " + "; ".join(failures(record["checks"]))))
             record["config"]["model"] = spec
             atomic_write(cell_path(run_dir, cell.cell_id), json.dumps(record, indent=1, sort_keys=False))
             m, c = record["metrics"], record["costs"]

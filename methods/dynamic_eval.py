@@ -1,0 +1,107 @@
+"""Dynamic evaluation (Krause et al. 2018, 2019): after scoring a segment, one gradient step on its
+mean NLL, keeping the new weights (SPEC section 3). The update rule lives in tta_bench.dyneval.
+
+Cost: the scoring forward runs with autograd on and its graph is kept until `adapt`, where the loss is
+the segment's mean NLL from those very log-probabilities (the same context the scoring used), so each
+segment costs one forward, one backward and one update."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from tta_bench.dyneval import DynamicEvaluation, parse_selection, select_parameters
+from tta_bench.errors import TTABenchError
+from tta_bench.method import Method
+from tta_bench.registry import register_method
+
+
+@register_method("dynamic-eval")
+class DynamicEval(Method):
+    """Dynamic evaluation (Krause et al.): an SGD or RMS step on each segment after scoring it."""
+
+    @dataclass
+    class Params:
+        variant: Literal["sgd", "rms"] = "sgd"
+        lr: float = 1e-3  # sgd: step size; rms: step per unit of normalised gradient (try ~1e-5 .. 1e-4)
+        decay: float = 0.0  # pull toward the original weights at every step
+        eps: float = 1e-5  # rms: added to sqrt(ms)
+        params: str = "all"  # all | last N (blocks) | a regex on parameter names
+        n_stat_segments: int = 100  # rms: prepare-split segments for the gradient statistics
+
+        def problems(self) -> list[str]:
+            out = []
+            if not self.lr > 0:
+                out.append(f"lr must be > 0, got {self.lr}")
+            if not 0 <= self.decay < 1:
+                out.append(f"decay must be in [0, 1), got {self.decay}")
+            if not self.eps > 0:
+                out.append(f"eps must be > 0, got {self.eps}")
+            if self.n_stat_segments < 1:
+                out.append(f"n_stat_segments must be >= 1, got {self.n_stat_segments}")
+            try:
+                parse_selection(self.params)
+            except TTABenchError as e:
+                out.append(str(e))
+            return out
+
+    quick_params = {"n_stat_segments": 2}
+
+    def __init__(self, lm, params, seed=0, protocol=None):
+        super().__init__(lm, params, seed, protocol)
+        p = self.params
+        self.names = [n for n, _ in select_parameters(lm.model, p.params)]
+        named = dict(lm.model.named_parameters())
+        self.dyn = DynamicEvaluation([named[n] for n in self.names], p.variant, p.lr, p.decay, p.eps,
+                                     embedding=lm.model.get_input_embeddings())
+        self._pending = None  # log-probabilities of the last scored segment, graph attached
+
+    def prepare(self, data):
+        if self.params.variant != "rms":
+            return
+        from tta_bench.evaluate import Protocol, segments
+
+        protocol = self.protocol or Protocol()
+        n = self.params.n_stat_segments
+        # Every segment has at most segment_len targets, so this many tokens give at least n segments.
+        stream = data.load(limit_tokens=n * protocol.segment_len)
+
+        def grads():
+            for i, (seg, targets, _) in enumerate(segments(stream, protocol, self.lm.start_id)):
+                if i == n:
+                    break
+                logprobs = self.lm.logprobs(seg.ids.to(self.lm.device), seg.n)
+                yield self.dyn.grad(_nll(logprobs, targets.to(self.lm.device)))
+
+        self.dyn.gradient_stats(grads())
+
+    def reset(self):
+        self.dyn.reset()
+        self._pending = None
+
+    def score(self, seg):
+        # Autograd on: the graph is kept for adapt(), which differentiates these very log-probabilities.
+        with torch.enable_grad():
+            logprobs = self.lm.logprobs(seg.ids, seg.n)
+        self._pending = (seg.ids.shape, logprobs)
+        return logprobs.detach()
+
+    def adapt(self, seg):
+        if self._pending is None or self._pending[0] != seg.ids.shape:
+            raise TTABenchError("dynamic-eval: adapt() without a matching score() of the same segment; call score first")
+        shape, logprobs = self._pending
+        self._pending = None
+        grads = self.dyn.grad(_nll(logprobs, seg.targets), self.ledger, key=(tuple(shape), seg.n))
+        self.dyn.step(grads, self.ledger)
+
+    def close(self):
+        """Original weights and requires_grad flags back: the loaded model is shared by later cells."""
+        self._pending = None
+        self.dyn.close()
+
+
+def _nll(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The segment's mean NLL."""
+    return F.nll_loss(logprobs, targets)

@@ -1,0 +1,260 @@
+"""Fast Weight Layers (Clark et al. 2022; SPEC section 3), and FWL combined with dynamic evaluation.
+
+A small block on the base model's final hidden states whose weights, at every position, have taken one
+SGD step on the losses of all earlier tokens (computed exactly, as linear attention; tta_bench/fwl.py).
+`prepare` loads the block from `checkpoint`, else from the cache (keyed by base model, configuration and
+prepare data), else meta-trains it on the prepare split (`tta-bench train-fwl` does the same ahead of time).
+
+memory:
+- `document`: the fast-weight state carries from segment to segment (until reset: each document under
+  reset=document, never under reset=never). A segment's new positions see every earlier position's
+  gradient; the last one's target arrives in adapt(), which adds it to the state.
+- `window`: the state starts empty for every segment and covers its whole input window (context included).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from tta_bench.errors import TTABenchError
+from tta_bench.flops import fvcore_count
+from tta_bench.fwl import FWStream, TrainConfig, commit_pass, load_checkpoint, score_pass, train_or_load
+from tta_bench.method import Method
+from tta_bench.registry import register_method
+
+QUICK = {"size": 8, "train_tokens": 600, "val_tokens": 100, "train_window": 32, "train_seq_len": 64,
+         "train_steps": 4, "eval_every": 0}
+
+
+@register_method("fwl")
+class FastWeightLayers(Method):
+    """Fast Weight Layers (Clark et al. 2022): a meta-learned head whose weights take an SGD step on every earlier token."""
+
+    @dataclass
+    class Params(TrainConfig):
+        memory: Literal["document", "window"] = "document"
+        chunk: int = 128  # linear attention chunk: quadratic inside, a carried state across
+        checkpoint: str = ""  # a trained block (.safetensors); empty: the cache, else train in prepare
+
+        def problems(self) -> list[str]:
+            out = TrainConfig.problems(self)
+            if self.chunk < 1:
+                out.append(f"chunk must be >= 1, got {self.chunk}")
+            return out
+
+    quick_params = QUICK
+
+    def __init__(self, lm, params, seed=0, protocol=None):
+        super().__init__(lm, params, seed, protocol)
+        self.block = None
+        self.stream = None
+        self.info: dict = {}
+        self.model = None  # a private copy of the base model when its top blocks were fine-tuned
+        self._body = None
+
+    # -- prepare ------------------------------------------------------------------------------------
+    def prepare(self, data):
+        p = self.params
+        progress = sys.stderr.isatty()
+        log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+        if p.checkpoint:
+            block, base, info = load_checkpoint(p.checkpoint, self.lm.device)
+            if info.get("model") != self.lm.fingerprint:
+                raise TTABenchError(f"FWL checkpoint {p.checkpoint} was trained on model {info.get('model_name')}"
+                                    f" ({info.get('model')}), not {self.lm.name} ({self.lm.fingerprint}); train one for it")
+        else:
+            stream = data.load(limit_tokens=p.train_tokens)
+            block, base, info, _ = train_or_load(self.lm, p, stream, progress=progress, log=log)
+        self._use(block, base, info)
+
+    def _use(self, block, base_params: dict, info: dict):
+        from tta_bench.lm import _Body
+
+        if block.cfg.d_in != self.lm.hidden_size or block.cfg.vocab != self.lm.vocab_size:
+            raise TTABenchError(f"FWL block is for hidden size {block.cfg.d_in} and vocabulary {block.cfg.vocab},"
+                                f" not {self.lm.name}'s {self.lm.hidden_size} and {self.lm.vocab_size}; train one for it")
+        self.block = block.to(self.lm.device, torch.float32).eval()  # float32 whatever the base's dtype
+        for q in self.block.parameters():
+            q.requires_grad_(False)
+        self.info = info
+        if base_params:  # the fine-tuned top blocks live in a private copy: the loaded model is shared
+            self.model = copy.deepcopy(self.lm.model)
+            named = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for k, v in base_params.items():
+                    named[k].copy_(v)
+            self._body = _Body(self.model.base_model)
+        self.stream = FWStream(self.block, self.params.chunk)
+        cfg = self.block.cfg
+        self._tag = hashlib.sha1(repr((cfg, self.params.chunk)).encode()).hexdigest()[:8]
+
+    # -- protocol -----------------------------------------------------------------------------------
+    def reset(self):
+        if self.stream is not None:
+            self.stream.reset()
+
+    def _hidden(self, ids):
+        if self._body is None:
+            return self.lm.hidden(ids)
+        shape = tuple(ids.shape)
+        self.ledger.record_forward("body", shape, lambda: fvcore_count(self._body, (torch.zeros(shape, dtype=torch.long, device=ids.device),)))
+        return self._body(ids)
+
+    def _fast_logits(self, seg):
+        """(n, V) fast logits of the segment's targets; records the block's forward in the ledger."""
+        if self.block is None:
+            raise TTABenchError("fwl: score() before prepare(); the block is trained or loaded in prepare")
+        n, L = seg.n, seg.ids.shape[1]
+        h = self._hidden(seg.ids).float()
+        if self.params.memory == "document":
+            x = h[:, -n:]
+            base = self.lm.logits(x)
+            self._record("score", (n,), self._count_score)
+            return self.stream.segment_logits(x, base, seg.ids[:, L - n + 1:])[0]
+        base = self.lm.logits(h)
+        targets = torch.cat([seg.ids[:, 1:], seg.ids.new_full((1, 1), -1)], 1)
+        self._record("window", (L,), self._count_window)
+        return self.block(h, targets, base, None, self.params.chunk)[0][0, -n:]
+
+    @torch.no_grad()
+    def score(self, seg):
+        return F.log_softmax(self._fast_logits(seg), -1)
+
+    @torch.no_grad()
+    def adapt(self, seg):
+        if self.params.memory == "document":
+            self._record("commit", (1,), self._count_commit)
+            self.stream.commit(seg.targets[-1:].view(1, 1))
+
+    def close(self):
+        self.model = self._body = None
+
+    # -- FLOPs (SPEC 5): fvcore traces of the block's passes, once per shape ----------------------------
+    def _record(self, kind, shape, counter):
+        self.ledger.record_forward(f"fwl.{kind}", (*shape, self._tag), lambda: counter(*shape))
+
+    def _examples(self, n):
+        cfg, dev = self.block.cfg, self.lm.device
+        x = torch.zeros(1, n, cfg.d_in, device=dev)
+        base = torch.zeros(1, n, cfg.vocab, device=dev)
+        return x, base, tuple(self.block.zero_state(1, x))
+
+    def _count_score(self, n):
+        x, base, state = self._examples(n)
+        ids = torch.zeros(1, n - 1, dtype=torch.long, device=x.device)
+        return fvcore_count(score_pass(self.block, self.params.chunk, True), (x, base, ids, *state))
+
+    def _count_window(self, L):
+        x, base, _ = self._examples(L)
+        return fvcore_count(score_pass(self.block, self.params.chunk, False), (x, base, torch.zeros(1, L, dtype=torch.long, device=x.device)))
+
+    def _count_commit(self, n):
+        x, base, state = self._examples(n)
+        return fvcore_count(commit_pass(self.block), (x, base, torch.zeros(1, n, dtype=torch.long, device=x.device), *state))
+
+
+@register_method("fwl-dynamic-eval")
+class FWLDynamicEval(FastWeightLayers):
+    """FWL plus dynamic evaluation: after scoring, an SGD/RMS step on the segment's NLL over the FW block's (or all) weights."""
+
+    @dataclass
+    class Params(FastWeightLayers.Params):
+        dyn_params: Literal["block", "all"] = "block"  # the block's weights (not its step sizes), or those and the base's
+        dyn_variant: Literal["sgd", "rms"] = "sgd"
+        dyn_lr: float = 1e-3
+        dyn_decay: float = 0.0
+        dyn_eps: float = 1e-5
+        n_stat_segments: int = 100  # rms: prepare-split segments for the gradient statistics
+
+        def problems(self) -> list[str]:
+            out = FastWeightLayers.Params.problems(self)
+            if not self.dyn_lr > 0:
+                out.append(f"dyn_lr must be > 0, got {self.dyn_lr}")
+            if not 0 <= self.dyn_decay < 1:
+                out.append(f"dyn_decay must be in [0, 1), got {self.dyn_decay}")
+            if not self.dyn_eps > 0:
+                out.append(f"dyn_eps must be > 0, got {self.dyn_eps}")
+            if self.n_stat_segments < 1:
+                out.append(f"n_stat_segments must be >= 1, got {self.n_stat_segments}")
+            return out
+
+    quick_params = {**QUICK, "n_stat_segments": 2}
+
+    def __init__(self, lm, params, seed=0, protocol=None):
+        super().__init__(lm, params, seed, protocol)
+        self.dyn = None
+        self._pending = None
+
+    def prepare(self, data):
+        from tta_bench.dyneval import DynamicEvaluation
+
+        super().prepare(data)
+        p = self.params
+        named = self.block.slow_parameters()
+        if p.dyn_params == "all":
+            named += list((self.model or self.lm.model).named_parameters())
+        self.dyn = DynamicEvaluation([q for _, q in named], p.dyn_variant, p.dyn_lr, p.dyn_decay, p.dyn_eps)
+        if p.dyn_variant == "rms":
+            self._gradient_stats(data)
+
+    def _gradient_stats(self, data):
+        from tta_bench.evaluate import Protocol, segments
+
+        protocol = self.protocol or Protocol()
+        n = self.params.n_stat_segments
+        stream = data.load(limit_tokens=n * protocol.segment_len)
+        enabled, self.ledger.enabled = self.ledger.enabled, False
+
+        def grads():
+            for i, (seg, targets, doc_start) in enumerate(segments(stream, protocol, self.lm.start_id)):
+                if i == n:
+                    break
+                if doc_start:
+                    self.stream.reset()
+                seg.ids, targets = seg.ids.to(self.lm.device), targets.to(self.lm.device)
+                with torch.enable_grad():
+                    logprobs = F.log_softmax(self._fast_logits(seg), -1)
+                yield self.dyn.grad(F.nll_loss(logprobs, targets))
+                if self.params.memory == "document":
+                    with torch.no_grad():
+                        self.stream.commit(targets[-1:].view(1, 1))
+
+        try:
+            self.dyn.gradient_stats(grads())
+        finally:
+            self.ledger.enabled = enabled
+            self.stream.reset()
+
+    def reset(self):
+        super().reset()
+        if self.dyn is not None:
+            self.dyn.reset()
+        self._pending = None
+
+    def score(self, seg):
+        # Autograd on: adapt() differentiates these very log-probabilities (the same context and state).
+        with torch.enable_grad():
+            logprobs = F.log_softmax(self._fast_logits(seg), -1)
+        self._pending = (tuple(seg.ids.shape), seg.n, logprobs)
+        return logprobs.detach()
+
+    def adapt(self, seg):
+        if self._pending is None or self._pending[0] != tuple(seg.ids.shape):
+            raise TTABenchError("fwl-dynamic-eval: adapt() without a matching score() of the same segment; call score first")
+        shape, n, logprobs = self._pending
+        self._pending = None
+        super().adapt(seg)  # first the last position joins the state, with the weights the scoring used
+        grads = self.dyn.grad(F.nll_loss(logprobs, seg.targets), self.ledger, key=(shape, n))
+        self.dyn.step(grads, self.ledger)
+
+    def close(self):
+        self._pending = None
+        if self.dyn is not None:
+            self.dyn.close()
+        super().close()

@@ -1,0 +1,504 @@
+"""Fast Weight Layers: the exact identity with one explicit SGD step, chunking and streaming,
+second-order meta-gradients, meta-learning on a synthetic recall task, checkpoints, and the method."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tta_bench.fwl import (FAST, FWBlock, FWLConfig, FWStream, TrainConfig, commit_pass, load_checkpoint,
+                           save_checkpoint, score_pass, train_or_load)
+
+D, M, V, T = 6, 5, 11, 13
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The tensors here are tiny: a second thread only adds synchronisation, and spins badly when
+    # other processes share the cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_block(seed=0, dtype=torch.float64, norm=1 / 8):
+    torch.manual_seed(seed)
+    block = FWBlock(FWLConfig(D, M, V, norm)).to(dtype)
+    with torch.no_grad():
+        for p in block.parameters():  # every parameter random and O(1), so each term of the update matters
+            p.copy_(torch.randn_like(p))
+        for k in FAST:  # distinct positive step sizes, large enough that the step changes the logits a lot
+            block.eta[k].copy_(torch.rand(()) * 2 + 0.5)
+    return block
+
+
+def slow_forward(params, x, base, eps):
+    """The block from its definition, with plain torch ops: x (T, d) -> logits (T, V)."""
+    h1 = x @ params["w1"].T + params["b1"]
+    h2 = F.relu(h1).square() @ params["w2"].T + params["b2"]
+    z = F.layer_norm(h2, (h2.shape[-1],), params["alpha"], params["beta"], eps)
+    out = z @ params["U"].T
+    return out if base is None else out + base
+
+
+def explicit_sgd_logits(block, x, y, base, create_graph=False):
+    """Position i's logits from the slow block after one SGD step (step sizes as learning rates) on
+    c * sum_{j<i} CE_j, by autograd; x (T, d), y (T,), base (T, V) or None."""
+    params = {"w1": block.dense1.weight, "b1": block.dense1.bias, "w2": block.dense2.weight, "b2": block.dense2.bias,
+              "alpha": block.ln_alpha, "beta": block.ln_beta, "U": block.unembed.weight}
+    fast = [k for k in params if k != "U"]
+    c, out = block.cfg.norm, []
+    for i in range(len(x)):
+        if i == 0:
+            stepped = params
+        else:
+            logits = slow_forward(params, x[:i], None if base is None else base[:i], block.cfg.eps)
+            loss = c * F.cross_entropy(logits, y[:i], reduction="sum")
+            grads = torch.autograd.grad(loss, [params[k] for k in fast], create_graph=create_graph)
+            stepped = {**params, **{k: params[k] - block.eta[k] * g for k, g in zip(fast, grads)}}
+        out.append(slow_forward(stepped, x[i:i + 1], None if base is None else base[i:i + 1], block.cfg.eps)[0])
+    return torch.stack(out)
+
+
+def data(seed=1, with_base=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (T,), generator=g)
+    base = 3 * torch.randn(T, V, generator=g, dtype=torch.float64) if with_base else None
+    return x, y, base
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("chunk", [T, 4, 1])
+def test_fast_logits_equal_explicit_sgd_step(with_base, chunk):
+    block = random_block()
+    x, y, base = data(with_base=with_base)
+    want = explicit_sgd_logits(block, x, y, base)
+    got, _ = block(x[None], y[None], None if base is None else base[None], chunk=chunk)
+    assert rel_err(got[0], want) < 1e-5
+    # the step changes the logits far beyond the tolerance, so the identity is not trivially met
+    slow = slow_forward({"w1": block.dense1.weight, "b1": block.dense1.bias, "w2": block.dense2.weight,
+                         "b2": block.dense2.bias, "alpha": block.ln_alpha, "beta": block.ln_beta,
+                         "U": block.unembed.weight}, x, base, block.cfg.eps)
+    assert rel_err(slow[1:], want[1:]) > 1e-2
+    assert torch.allclose(got[0, 0], slow[0], rtol=0, atol=1e-12)  # position 0 has no earlier token
+
+
+def test_chunking_and_state_agree():
+    block = random_block()
+    x, y, base = data()
+    one, s_one = block(x[None], y[None], base[None], chunk=T)
+    for chunk in (1, 3, 5):
+        many, s_many = block(x[None], y[None], base[None], chunk=chunk)
+        assert rel_err(many, one) < 1e-12
+        for a, b in zip(s_many, s_one):
+            assert rel_err(a, b) < 1e-12
+    # the carried state is the summed per-position gradient of every fast parameter: check it by autograd
+    params = {"w1": block.dense1.weight, "b1": block.dense1.bias, "w2": block.dense2.weight,
+              "b2": block.dense2.bias, "alpha": block.ln_alpha, "beta": block.ln_beta, "U": block.unembed.weight}
+    loss = block.cfg.norm * F.cross_entropy(slow_forward(params, x, base, block.cfg.eps), y, reduction="sum")
+    grads = torch.autograd.grad(loss, [params[k] for k in FAST])
+    for k, g, s in zip(FAST, grads, s_one):
+        assert rel_err(s[0], g) < 1e-10, k
+
+
+def test_streamed_state_equals_one_shot():
+    """Segments through FWStream (targets of a segment's last position committed afterwards) equal one pass."""
+    block = random_block()
+    x, y, base = data()
+    one, _ = block(x[None], y[None], base[None], chunk=4)
+    stream = FWStream(block, chunk=3)
+    outs = []
+    for a, b in ((0, 5), (5, 6), (6, 13)):
+        outs.append(stream.segment_logits(x[None, a:b], base[None, a:b], y[None, a:b - 1]))
+        stream.commit(y[None, b - 1:b])
+    assert rel_err(torch.cat(outs, 1), one) < 1e-12
+    stream.reset()
+    again = stream.segment_logits(x[None, :5], base[None, :5], y[None, :4])
+    assert rel_err(again, one[:, :5]) < 1e-12
+
+
+def test_batch_rows_are_independent():
+    block = random_block()
+    x, y, base = data()
+    x2, y2, base2 = data(seed=2)
+    both, _ = block(torch.stack([x, x2]), torch.stack([y, y2]), torch.stack([base, base2]), chunk=4)
+    alone, _ = block(x2[None], y2[None], base2[None], chunk=4)
+    assert rel_err(both[1], alone[0]) < 1e-12
+
+
+def test_meta_gradient_includes_second_order_terms():
+    """d(loss of the fast logits)/d(parameters and step sizes) equals autograd through the explicit
+    SGD step with create_graph=True (second-order terms included)."""
+    block = random_block(seed=3)
+    x, y, base = data(seed=4)
+    got, _ = block(x[None], y[None], base[None], chunk=4)
+    want = explicit_sgd_logits(block, x, y, base, create_graph=True)
+    params = list(block.parameters())
+    g_got = torch.autograd.grad(F.cross_entropy(got[0], y), params)
+    g_want = torch.autograd.grad(F.cross_entropy(want, y), params)
+    names = [n for n, _ in block.named_parameters()]
+    for name, a, b in zip(names, g_got, g_want):
+        assert rel_err(a, b) < 1e-8, name
+    # and the second-order part is not negligible: cutting the graph at the inner gradient changes it
+    acts = block.slow(x[None])
+    gl = block.output_grad(block.logits(acts.z, base[None]), y[None])
+    grads = block.inner_grads(acts, gl)
+    z, _ = block.fast(x[None], acts, type(grads)(*(g.detach() for g in grads)), None, 4)
+    g_first = torch.autograd.grad(F.cross_entropy(block.logits(z, base[None])[0], y), block.dense1.weight)[0]
+    assert rel_err(g_first, g_want[names.index("dense1.weight")]) > 1e-3
+
+
+def test_unknown_targets_give_no_gradient():
+    block = random_block()
+    x, y, base = data()
+    masked = y.clone()
+    masked[7:] = -1
+    got, _ = block(x[None], masked[None], base[None])
+    want, _ = block(x[None, :8], y[None, :8], base[None, :8])  # positions <= 7 only use targets j < 7
+    assert rel_err(got[0, :8], want[0]) < 1e-12
+
+
+# -- meta-learning ----------------------------------------------------------------------------------
+def recall_batch(g, batch, keys=16, values=16, pairs=6):
+    """Random key-value pairs, then the same pairs again in another order: a query key's value is
+    predictable only from the first half of its own sequence."""
+    k = torch.stack([torch.randperm(keys, generator=g)[:pairs] for _ in range(batch)])
+    v = torch.randint(keys, keys + values, (batch, pairs), generator=g)
+    perm = torch.stack([torch.randperm(pairs, generator=g) for _ in range(batch)])
+    seq = torch.cat([torch.stack([k, v], -1).reshape(batch, -1),
+                     torch.stack([k.gather(1, perm), v.gather(1, perm)], -1).reshape(batch, -1)], 1)
+    query = torch.zeros(batch, 4 * pairs - 1, dtype=torch.bool)
+    query[:, 2 * pairs::2] = True  # inputs: the repeated keys; targets: their values
+    return seq[:, :-1], seq[:, 1:], query
+
+
+def train_recall(learn_steps: bool, steps=60, keys=16, values=16, pairs=6, d=16):
+    """An FWL head from scratch (no base logits) over fixed random token embeddings; returns the NLL
+    of the queried values on fresh sequences."""
+    torch.manual_seed(0)
+    emb = torch.randn(keys + values, d)
+    block = FWBlock(FWLConfig(d, 16, keys + values, 1 / (4 * pairs)))
+    groups = [{"params": [p for _, p in block.slow_parameters()], "lr": 1e-2}]
+    if learn_steps:
+        groups.append({"params": list(block.eta.parameters()), "lr": 5e-2})
+    else:
+        with torch.no_grad():
+            for p in block.eta.parameters():
+                p.zero_()
+    opt = torch.optim.Adam(groups)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        inp, tgt, _ = recall_batch(g, 16, keys, values, pairs)
+        logits, _ = block(emb[inp], tgt, None, chunk=8)
+        loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    inp, tgt, query = recall_batch(torch.Generator().manual_seed(99), 256, keys, values, pairs)
+    with torch.no_grad():
+        logits, _ = block(emb[inp], tgt, None, chunk=8)
+    return F.cross_entropy(logits[query], tgt[query]).item()
+
+
+def test_meta_learned_fwl_solves_recall_that_frozen_step_sizes_cannot():
+    import math
+
+    fwl, frozen = train_recall(True), train_recall(False)
+    # without fast weights the value is a guess among 16 (ln 16 = 2.77 nats); with them it is recalled
+    assert frozen > 0.9 * math.log(16)
+    assert fwl < 0.25 * frozen
+
+
+# -- the method on the tiny model ----------------------------------------------------------------------
+from tta_bench.data import Document, tokenize  # noqa: E402
+from tta_bench.evaluate import Protocol, evaluate, segments  # noqa: E402
+from tta_bench.flops import Ledger  # noqa: E402
+from tta_bench.method import PrepareData, method_class  # noqa: E402
+from tta_bench.registry import discover  # noqa: E402
+
+TEXT = ["Fast weights remember: the zebra ate the kiwi, and later the zebra ate the kiwi again. " * 2,
+        "A second, shorter document about kiwi and zebra.\n"]
+PREP = ["Training text for the block; words repeat, words repeat, and the block learns to copy them. " * 4]
+
+
+def stream_of(lm, texts, split="test"):
+    return tokenize([Document(f"d{i}", t) for i, t in enumerate(texts)], lm.tokenizer, "t", split)
+
+
+def make(lm, name="fwl", protocol=None, **values):
+    from tta_bench_methods.fwl import QUICK
+
+    discover()
+    cls = method_class(name)
+    params, errs = cls.make_params({**QUICK, **values})
+    assert not errs, errs
+    lm.ledger = Ledger(lm.fingerprint)
+    method = cls(lm, params, protocol=protocol)
+    method.prepare(PrepareData("train", lambda limit_tokens=None, limit_docs=None:
+                               tokenize([Document("p", t) for t in PREP], lm.tokenizer, "t", "train", limit_docs, limit_tokens)))
+    return method
+
+
+def run(method, stream, protocol):
+    seen = []
+    evaluate(method, stream, protocol, progress=False, observer=lambda seg, lp, t: seen.append((seg.doc, lp.clone())))
+    return seen
+
+
+@torch.no_grad()
+def test_document_memory_equals_one_pass_over_each_document(tiny_lm):
+    """Streaming with the state carried across segments (context_len 8: context positions must not be
+    counted twice) equals one forward of the block over each document's scored positions."""
+    protocol = Protocol(16, 8, "document")
+    method = make(tiny_lm, protocol=protocol)
+    stream = stream_of(tiny_lm, TEXT)
+    seen = run(method, stream, protocol)
+    block = method.block
+    for d in range(len(stream.docs)):
+        xs, ys = [], []
+        for seg, targets, _ in segments(stream, protocol, tiny_lm.start_id):
+            if seg.doc == d:
+                xs.append(tiny_lm.hidden(seg.ids)[0, -seg.n:])
+                ys.append(targets)
+        x, y = torch.cat(xs)[None], torch.cat(ys)[None]
+        want = torch.log_softmax(block(x, y, tiny_lm.logits(x), chunk=5)[0][0], -1)
+        got = torch.cat([lp for doc, lp in seen if doc == d])
+        assert (got - want).abs().max() < 1e-4
+        assert (got - torch.log_softmax(tiny_lm.logits(x)[0], -1)).abs().max() > 1e-3  # the block matters
+
+
+@torch.no_grad()
+def test_window_memory_equals_explicit_sgd_step_on_the_window(tiny_lm):
+    protocol = Protocol(16, 8, "document")
+    method = make(tiny_lm, protocol=protocol, memory="window")
+    stream = stream_of(tiny_lm, TEXT[:1])
+    seen = run(method, stream, protocol)
+    block = copy.deepcopy(method.block).double().requires_grad_(True)
+    for k in (0, 2):
+        seg, targets, _ = list(segments(stream, protocol, tiny_lm.start_id))[k]
+        h = tiny_lm.hidden(seg.ids)[0].double()
+        base = tiny_lm.logits(tiny_lm.hidden(seg.ids))[0].double()
+        y = torch.cat([seg.ids[0, 1:], targets[-1:]])
+        with torch.enable_grad():
+            want = explicit_sgd_logits(block, h, y, base)[-seg.n:]
+        assert (seen[k][1].double() - torch.log_softmax(want, -1)).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_document_memory_is_causal_and_resets(tiny_lm):
+    protocol = Protocol(16, 8, "document")
+    method = make(tiny_lm, protocol=protocol)
+    base = run(method, stream_of(tiny_lm, TEXT), protocol)
+    ids = stream_of(tiny_lm, TEXT).docs[0].ids
+    t = 37  # inside the third segment
+    changed = TEXT[0][:t] + "".join("#" if c != "#" else "$" for c in TEXT[0][t:])
+    assert stream_of(tiny_lm, [changed]).docs[0].ids[:t] == ids[:t]
+    pert = run(method, stream_of(tiny_lm, [changed, TEXT[1]]), protocol)
+    a = torch.cat([lp for d, lp in base if d == 0])
+    b = torch.cat([lp for d, lp in pert if d == 0])
+    assert (a[:t] - b[:t]).abs().max() < 1e-5
+    assert (a[t + 1:] - b[t + 1:]).abs().max() > 1e-3
+    # reset=document: the second document is scored as if it were alone
+    alone = run(method, stream_of(tiny_lm, TEXT[1:]), protocol)
+    assert (torch.cat([lp for d, lp in pert if d == 1]) - torch.cat([lp for _, lp in alone])).abs().max() < 1e-5
+
+
+# -- checkpoints and the train-fwl command ---------------------------------------------------------
+def test_checkpoint_round_trip_and_cache(tiny_lm, tmp_path, monkeypatch):
+    import tta_bench.fwl as fwl
+
+    monkeypatch.setenv("TTA_BENCH_CACHE", str(tmp_path / "cache"))
+    tc = TrainConfig(size=8, train_tokens=300, val_tokens=60, train_window=32, train_seq_len=64, train_steps=3, eval_every=0)
+    stream = tokenize([Document("p", t) for t in PREP], tiny_lm.tokenizer, "t", "train", limit_tokens=tc.train_tokens)
+    block, base, info, path = train_or_load(tiny_lm, tc, stream, progress=False, log=None)
+    assert path.is_file() and path.parent == tmp_path / "cache" / "fwl" and tiny_lm.fingerprint in path.name
+    assert info["train_seconds"] > 0 and info["history"] and info["train"]["train_steps"] == 3
+    x = torch.randn(1, 9, tiny_lm.hidden_size)
+    y = torch.randint(0, tiny_lm.vocab_size, (1, 9))
+    base_logits = torch.randn(1, 9, tiny_lm.vocab_size)
+    loaded, _, info2 = load_checkpoint(path)
+    assert torch.equal(loaded(x, y, base_logits)[0], block(x, y, base_logits)[0]) and info2 == info
+    # a second call finds the checkpoint instead of training; another setting has another key
+    monkeypatch.setattr(fwl, "train_block", lambda *a, **k: pytest.fail("retrained a cached block"))
+    again, _, _, path2 = train_or_load(tiny_lm, tc, stream, progress=False, log=None)
+    assert path2 == path and torch.equal(again.unembed.weight, block.unembed.weight)
+    assert fwl.checkpoint_path(tiny_lm, TrainConfig(**{**fwl.train_fields(tc), "lr": 2e-3}), stream) != path
+
+
+def test_checkpoint_of_another_model_is_refused(tiny_lm, tmp_path):
+    from tta_bench.errors import TTABenchError
+
+    block = FWBlock(FWLConfig(tiny_lm.hidden_size, 4, tiny_lm.vocab_size, 0.1))
+    save_checkpoint(tmp_path / "b.safetensors", block, {}, {"model": "someothermodel", "model_name": "other"})
+    with pytest.raises(TTABenchError, match="trained on model other"):
+        make(tiny_lm, checkpoint=str(tmp_path / "b.safetensors"))
+    (tmp_path / "c.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception):
+        load_checkpoint(tmp_path / "c.safetensors")
+    with pytest.raises(TTABenchError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_train_fwl_command_makes_the_checkpoint_the_method_loads(tmp_path, corpus, monkeypatch):
+    import tta_bench.fwl as fwl
+    from tests.conftest import cli
+    from tta_bench.models import load_model
+
+    cache = tmp_path / "cache"
+    sets = ["size=8", "train_tokens=400", "val_tokens=80", "train_window=32", "train_seq_len=64", "train_steps=3", "eval_every=2"]
+    args = ["train-fwl", "--model", "tiny", "--task", "text", "--task-param", f"splits={{train: {corpus['train']}}}",
+            "--split", "train", "--no-progress", "--out", str(tmp_path / "copy.safetensors")]
+    res = cli(*args, *[a for s in sets for a in ("--set", s)], env={"TTA_BENCH_CACHE": str(cache)})
+    assert res.returncode == 0, res.stderr
+    assert "trained" in res.stdout and "validation nll" in res.stdout and (tmp_path / "copy.safetensors").is_file()
+    bad = cli(*args, "--set", "train_stepz=3", env={"TTA_BENCH_CACHE": str(cache)})
+    assert bad.returncode == 2 and "did you mean 'train_steps'" in bad.stderr
+    # the method, given the same split and settings, loads that checkpoint instead of training
+    monkeypatch.setenv("TTA_BENCH_CACHE", str(cache))
+    monkeypatch.setattr(fwl, "train_block", lambda *a, **k: pytest.fail("the method retrained"))
+    lm = load_model("tiny", device="cpu")
+    discover()
+    cls = method_class("fwl")
+    params, errs = cls.make_params({k: int(v) for k, v in (s.split("=") for s in sets)})
+    assert not errs
+    from tta_bench.registry import get
+
+    task = get("task", "text")(splits={"train": corpus["train"]})
+    method = cls(lm, params)
+    method.prepare(PrepareData("train", lambda limit_tokens=None, limit_docs=None:
+                               tokenize(task.documents("train"), lm.tokenizer, "text", "train", limit_docs, limit_tokens)))
+    assert method.block is not None and method.info["train"]["train_steps"] == 3
+
+
+# -- FLOPs ------------------------------------------------------------------------------------------
+def test_fvcore_breakdown_matches_closed_form():
+    """Scoring n positions: three vocabulary projections (slow logits, the inner gradient, fast logits),
+    five dense products (two slow, W2's backward, two fast), the state update, and the causal products
+    inside each chunk (computed in full, the mask applied after)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    d, m, v, n, chunk = 12, 4, 50, 10, 4
+    block = FWBlock(FWLConfig(d, m, v, 0.1))
+    x, base = torch.randn(1, n, d), torch.randn(1, n, v)
+    state = block.zero_state(1, x)
+    analysis = FlopCountAnalysis(score_pass(block, chunk, True), (x, base, torch.zeros(1, n - 1, dtype=torch.long), *state))
+    analysis.unsupported_ops_warnings(False)
+    analysis.tracer_warnings("none")
+    by = analysis.by_module()
+    sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
+    assert by["block.op_vocab"] == 3 * n * v * m
+    assert by["block.op_dense"] == n * (2 * (d * 4 * m + 4 * m * m) + 4 * m * m)
+    assert by["block.op_state"] == n * (4 * m * d + m * 4 * m)
+    assert by["block.op_attn"] == sum(c * c * (d + 4 * m) + c * c * (4 * m + m) for c in sizes)
+    assert analysis.total() == sum(by[k] for k in ("block.op_vocab", "block.op_dense", "block.op_state", "block.op_attn"))
+    commit = FlopCountAnalysis(commit_pass(block), (x[:, :1], base[:, :1], torch.zeros(1, 1, dtype=torch.long), *state))
+    commit.unsupported_ops_warnings(False)
+    assert commit.by_module()["block.op_vocab"] == v * m  # the last position's inner gradient
+
+
+def test_method_records_fwl_flops(tiny_lm):
+    protocol = Protocol(16, 8, "document")
+    method = make(tiny_lm, protocol=protocol)
+    run(method, stream_of(tiny_lm, TEXT[:1]), protocol)
+    flops = tiny_lm.ledger.resolve()["flops"]
+    assert flops["forward.fwl.score"] > 0 and flops["forward.fwl.commit"] > 0 and flops["forward.head"] > 0
+
+
+# -- FWL + dynamic evaluation ----------------------------------------------------------------------
+def test_fwl_dynamic_eval_equals_naive_sgd_loop(tiny_lm):
+    """memory=window, SGD over the block's weights: three segments equal an explicit loop with
+    torch.optim.SGD on each scored segment's mean NLL."""
+    protocol = Protocol(16, 8, "document")
+    lr = 0.05
+    method = make(tiny_lm, "fwl-dynamic-eval", protocol=protocol, memory="window", dyn_lr=lr)
+    start = copy.deepcopy(method.block)
+    stream = stream_of(tiny_lm, TEXT[:1])
+    seen = run(method, stream, protocol)
+    block = start.requires_grad_(True)
+    opt = torch.optim.SGD([p for n, p in block.named_parameters() if not n.startswith("eta.")], lr=lr)
+    for k, (seg, targets, _) in enumerate(list(segments(stream, protocol, tiny_lm.start_id))[:3]):
+        with torch.no_grad():
+            h = tiny_lm.hidden(seg.ids)
+            base = tiny_lm.logits(h)
+        y = torch.cat([seg.ids[:, 1:], torch.full((1, 1), -1)], 1)
+        logprobs = torch.log_softmax(block(h, y, base)[0][0, -seg.n:], -1)
+        assert (logprobs.detach() - seen[k][1]).abs().max() < 1e-5
+        opt.zero_grad()
+        F.nll_loss(logprobs, targets).backward()
+        opt.step()
+    assert (seen[2][1] - run(make(tiny_lm, protocol=protocol, memory="window"), stream, protocol)[2][1]).abs().max() > 1e-4
+
+
+def test_fwl_dynamic_eval_over_all_weights_gives_the_model_back():
+    from tta_bench.models import load_model
+
+    lm = load_model("tiny", device="cpu")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    protocol = Protocol(16, 8, "document")
+    method = make(lm, "fwl-dynamic-eval", protocol=protocol, dyn_params="all", dyn_lr=0.01)
+    run(method, stream_of(lm, TEXT[:1]), protocol)
+    assert any(not torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())  # it adapted the base
+    flops = lm.ledger.resolve()["flops"]
+    assert flops["adapt.backward"] > 0 and flops["adapt.update"] > 0
+    method.close()
+    assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())
+    assert not any(p.requires_grad for p in lm.model.parameters())
+
+
+@torch.no_grad()
+def test_top_blocks_are_fine_tuned_in_a_private_copy():
+    from tta_bench.models import load_model
+
+    lm = load_model("tiny", device="cpu")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    protocol = Protocol(16, 8, "document")
+    method = make(lm, protocol=protocol, top_blocks=1, lr=1e-2)
+    # training changed the last block only, in the method's copy; the shared model is as it was
+    changed = {k for k, v in method.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".layers.1." in k for k in changed)
+    assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())
+    assert not any(p.requires_grad for p in lm.model.parameters())
+    stream = stream_of(lm, TEXT[:1])
+    seen = run(method, stream, protocol)
+    seg, targets, _ = next(segments(stream, protocol, lm.start_id))
+    x = method.model.base_model(input_ids=seg.ids).last_hidden_state[:, -seg.n:]
+    want = torch.log_softmax(method.block(x, targets[None], lm.logits(x))[0][0], -1)
+    assert (seen[0][1] - want).abs().max() < 1e-4
+    x0 = lm.hidden(seg.ids)[:, -seg.n:]
+    assert (seen[0][1] - torch.log_softmax(method.block(x0, targets[None], lm.logits(x0))[0][0], -1)).abs().max() > 1e-4
+
+
+def test_bad_parameters_are_reported_with_their_fix():
+    discover()
+    for name in ("fwl", "fwl-dynamic-eval"):
+        _, errs = method_class(name).make_params({"size": 0, "val_tokens": 10**6, "chunk": 0, "memory": "all"})
+        text = " | ".join(errs)
+        assert "memory: expected one of 'document', 'window'" in text
+        _, errs = method_class(name).make_params({"size": 0, "val_tokens": 10**6, "chunk": 0})
+        text = " | ".join(errs)
+        assert "size must be >= 1" in text and "val_tokens" in text and "chunk must be >= 1" in text
+    _, errs = method_class("fwl-dynamic-eval").make_params({"dyn_lr": 0, "dyn_params": "some"})
+    assert any("dyn_params" in e for e in errs)
+
+
+def test_untrained_block_barely_changes_the_base(tiny_lm):
+    """U starts at u_scale times the head's best rank-m part (or random at that scale)."""
+    from tta_bench.fwl import init_block
+
+    x = tiny_lm.hidden(torch.tensor([list(b"the block starts small, the base model decides")]))
+    base = tiny_lm.logits(x)
+    y = torch.tensor([list(b"he block starts small, the base model decides.")])
+    for u_init in ("head", "random"):
+        block = init_block(tiny_lm, TrainConfig(size=16, u_init=u_init, u_scale=0.01))
+        with torch.no_grad():
+            logits, _ = block(x, y, base)
+        assert (logits - base).abs().max() < 0.05 * base.abs().max()
+        assert (logits - base).abs().max() > 0
