@@ -22,7 +22,7 @@ from tta_bench.config import expand, validate  # noqa: E402
 from tta_bench.models import load_model  # noqa: E402
 from tta_bench.runner import StreamCache, run_cell  # noqa: E402
 
-DEFAULT_METHODS = ["variant=sgd,lr=1e-3", "variant=rms,lr=1e-5"]
+DEFAULT_METHODS = ["variant=sgd,lr=1e-3", "variant=rms,lr=1e-5"]  # rms lr: best of 3e-6, 1e-5, 3e-5 on valid
 
 
 def parse_method(text: str) -> dict:

@@ -54,8 +54,11 @@ class DynamicEval(Method):
         p = self.params
         self.names = [n for n, _ in select_parameters(lm.model, p.params)]
         named = dict(lm.model.named_parameters())
-        self.dyn = DynamicEvaluation([named[n] for n in self.names], p.variant, p.lr, p.decay, p.eps,
-                                     embedding=lm.model.get_input_embeddings())
+        try:
+            embedding = lm.model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            embedding = None  # the plain autograd gradient then
+        self.dyn = DynamicEvaluation([named[n] for n in self.names], p.variant, p.lr, p.decay, p.eps, embedding)
         self._pending = None  # log-probabilities of the last scored segment, graph attached
 
     def prepare(self, data):

@@ -111,16 +111,14 @@ class FastWeightLayers(Method):
         if self.block is None:
             raise TTABenchError("fwl: score() before prepare(); the block is trained or loaded in prepare")
         n, L = seg.n, seg.ids.shape[1]
-        h = self._hidden(seg.ids).float()
+        h = self._hidden(seg.ids)
         if self.params.memory == "document":
-            x = h[:, -n:]
-            base = self.lm.logits(x)
+            h = h[:, -n:]
             self._record("score", (n,), self._count_score)
-            return self.stream.segment_logits(x, base, seg.ids[:, L - n + 1:])[0]
-        base = self.lm.logits(h)
+            return self.stream.segment_logits(h.float(), self.lm.logits(h), seg.ids[:, L - n + 1:])[0]
         targets = torch.cat([seg.ids[:, 1:], seg.ids.new_full((1, 1), -1)], 1)
         self._record("window", (L,), self._count_window)
-        return self.block(h, targets, base, None, self.params.chunk)[0][0, -n:]
+        return self.block(h.float(), targets, self.lm.logits(h), None, self.params.chunk)[0][0, -n:]
 
     @torch.no_grad()
     def score(self, seg):

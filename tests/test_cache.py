@@ -126,8 +126,6 @@ def test_causal(tiny_lm, name, params, reset):
 def test_reset_document_clears_cache_never_keeps_it(tiny_lm):
     """The first token of a later document: under reset=document it is scored by the bare model
     (empty cache); under never the cache of the earlier documents takes part."""
-    from tests.test_cache import ref_lm  # noqa: F401  (same module; explicit for readers)
-
     out = {}
     for reset in ("document", "never"):
         protocol = Protocol(16, 8, reset)

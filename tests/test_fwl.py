@@ -502,3 +502,39 @@ def test_untrained_block_barely_changes_the_base(tiny_lm):
             logits, _ = block(x, y, base)
         assert (logits - base).abs().max() < 0.05 * base.abs().max()
         assert (logits - base).abs().max() > 0
+
+
+@torch.no_grad()
+def test_training_reads_documents_in_order_with_the_state_carried(tiny_lm):
+    """train_memory=document: a document's pieces follow each other (documents shuffled), the state
+    carried from piece to piece, so the validation loss equals one pass over each whole document."""
+    import tta_bench.fwl as fwl
+
+    torch.manual_seed(0)
+    tc = TrainConfig(size=4, train_tokens=200, val_tokens=40, train_window=16, train_seq_len=8, u_scale=3.0)
+    stream = tokenize([Document(f"d{i}", t) for i, t in enumerate(["first document text here", "second one, longer than the first"])],
+                      tiny_lm.tokenizer, "t", "train")
+    train, val = fwl._pieces(tiny_lm, tc, stream, progress=False)
+    order = fwl._in_order(train, "document", torch.Generator().manual_seed(1))
+    assert sorted(id(p) for p, _ in order) == sorted(id(p) for p in train)
+    for (a, _), (b, fresh) in zip(order, order[1:]):
+        assert fresh == (a.doc != b.doc) and (fresh or b.offset == a.offset + len(a.targets))
+    assert all(fresh for _, fresh in fwl._in_order(train, "window", torch.Generator().manual_seed(1)))
+    block = fwl.init_block(tiny_lm, tc)
+    with torch.no_grad():
+        for p in block.eta.parameters():
+            p.fill_(2.0)  # a strong fast-weight effect, so a lost state would show
+    got, _ = fwl._validate(tiny_lm, block, val, tc, chunk=3)
+    runs = {}
+    for p in val:
+        runs.setdefault(p.doc, []).append(p)
+    tot, n = 0.0, 0
+    for ps in runs.values():
+        x = torch.cat([p.hidden for p in ps])[None]
+        y = torch.cat([p.targets for p in ps])[None]
+        logits, _ = block(x, y, tiny_lm.logits(x))
+        tot += F.cross_entropy(logits[0], y[0], reduction="sum").item()
+        n += y.numel()
+    assert abs(got - tot / n) < 1e-5
+    window = TrainConfig(**{**fwl.train_fields(tc), "train_memory": "window"})
+    assert abs(fwl._validate(tiny_lm, block, val, window, chunk=3)[0] - got) > 1e-4

@@ -159,15 +159,13 @@ class DynamicEvaluation:
         `key` (e.g. the input shape) with FlopCounterMode, then reused."""
         lookups, self._lookups = self._lookups, []
         wrt = self.params + [leaf for _, leaf in lookups]
-        if ledger is None or not ledger.enabled:
-            grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
+        counting = ledger is not None and ledger.enabled
+        grads = []
+        if counting and key not in self._backward_flops:
+            self._backward_flops[key] = dispatch_flops(lambda: grads.extend(torch.autograd.grad(loss, wrt, allow_unused=True)))
         else:
-            if key not in self._backward_flops:
-                out = []
-                self._backward_flops[key] = dispatch_flops(lambda: out.extend(torch.autograd.grad(loss, wrt, allow_unused=True)))
-                grads = out
-            else:
-                grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
+            grads.extend(torch.autograd.grad(loss, wrt, allow_unused=True))
+        if counting:
             ledger.add("adapt.backward", self._backward_flops[key])
         grads, leaf_grads = grads[:len(self.params)], grads[len(self.params):]
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]

@@ -298,7 +298,11 @@ class TrainConfig:
     train_tokens: int = 60000  # tokens of the prepare split read (validation included)
     val_tokens: int = 4096  # held out from the end of those, for the periodic validation loss
     train_window: int = 128  # the base model sees the prepare split in windows of this many tokens
-    train_seq_len: int = 512  # the block's training sequences (its state starts empty at each)
+    train_seq_len: int = 512  # the block's training sequences (pieces of a document)
+    # document: a document's pieces are read in order, the state carried from one to the next (detached:
+    # truncated back-propagation), so the block meets the long sums that memory=document evaluation builds;
+    # window: the state starts empty in every piece.
+    train_memory: Literal["document", "window"] = "document"
     train_steps: int = 150  # optimizer steps, one sequence each; the best validation loss's weights are kept
     lr: float = 1e-3  # Adam
     eta_lr: float = 1e-2  # Adam learning rate of the step sizes
@@ -406,6 +410,7 @@ class _Piece:
     window_starts: list[int]  # where each base window starts, relative to the piece (top_blocks > 0)
     doc_ids: torch.Tensor | None = None  # the whole document's inputs (top_blocks > 0)
     offset: int = 0  # the piece's position in its document
+    doc: int = 0
 
 
 def _doc_inputs(stream, start_id):
@@ -461,7 +466,7 @@ def _pieces(lm, tc: TrainConfig, stream, progress) -> tuple[list[_Piece], list[_
             # base windows start at multiples of train_window within the document
             starts = [w - s for w in range((s // tc.train_window) * tc.train_window, e, tc.train_window)]
             pieces.append(_Piece(inputs[s:e], targets[s:e], None if hidden is None else hidden[d][s:e], starts,
-                                 None if hidden is not None else inputs, s))
+                                 None if hidden is not None else inputs, s, d))
     val, n = [], 0
     while pieces and n < tc.val_tokens and len(pieces) > 1:
         val.insert(0, pieces.pop())
@@ -485,22 +490,39 @@ def _piece_hidden(lm, piece: _Piece, tc: TrainConfig) -> torch.Tensor:
     return torch.cat(out)[None].float()
 
 
-def _fwl_loss(lm, block, piece, tc, chunk) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean NLL of the fast logits, mean NLL of the base alone) over one piece."""
+def _fwl_loss(lm, block, piece, tc, chunk, state=None):
+    """(mean NLL of the fast logits, mean NLL of the base alone, the state after the piece, detached)
+    over one piece, the block starting from `state` (None: empty)."""
     x = _piece_hidden(lm, piece, tc)
     y = piece.targets[None].to(lm.device)
-    base = lm.logits(x)
-    logits, _ = block(x, y, base, None, chunk)
+    base = lm.logits(x.to(lm.dtype))
+    logits, state = block(x, y, base, state, chunk)
     with torch.no_grad():
         base_nll = F.cross_entropy(base[0], y[0])
-    return F.cross_entropy(logits[0], y[0]), base_nll
+    return F.cross_entropy(logits[0], y[0]), base_nll, FWState(*(t.detach() for t in state))
+
+
+def _in_order(pieces, memory: str, gen=None):
+    """(piece, starts with an empty state) in reading order: with memory=document a document's pieces
+    follow each other (documents shuffled when gen is given), else every piece stands alone (shuffled)."""
+    if memory == "window":
+        order = torch.randperm(len(pieces), generator=gen).tolist() if gen is not None else range(len(pieces))
+        return [(pieces[i], True) for i in order]
+    runs: list[list] = []
+    for p in pieces:
+        if runs and runs[-1][-1].doc == p.doc:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    order = torch.randperm(len(runs), generator=gen).tolist() if gen is not None else range(len(runs))
+    return [(p, i == 0) for r in order for i, p in enumerate(runs[r])]
 
 
 def _validate(lm, block, val, tc, chunk) -> tuple[float, float]:
-    tot, base_tot, n = 0.0, 0.0, 0
+    tot, base_tot, n, state = 0.0, 0.0, 0, None
     with torch.no_grad():
-        for piece in val:
-            loss, base = _fwl_loss(lm, block, piece, tc, chunk)
+        for piece, fresh in _in_order(val, tc.train_memory):
+            loss, base, state = _fwl_loss(lm, block, piece, tc, chunk, None if fresh else state)
             k = len(piece.targets)
             tot, base_tot, n = tot + loss.item() * k, base_tot + base.item() * k, n + k
     return tot / max(n, 1), base_tot / max(n, 1)
@@ -534,8 +556,8 @@ def train_block(lm, tc: TrainConfig, stream, progress: bool = True, log=print) -
     n_train_tokens = sum(len(p.targets) for p in train)
     say(f"FWL training: {n_train_tokens} tokens in {len(train)} sequences, {sum(len(p.targets) for p in val)} validation"
         f" tokens; base hidden states {t_hidden:.0f}s")
-    order: list[int] = []
-    ema, best = None, None
+    order: list = []
+    ema, best, state = None, None, None
 
     def validate(step):
         nonlocal best
@@ -553,9 +575,10 @@ def train_block(lm, tc: TrainConfig, stream, progress: bool = True, log=print) -
             validate(0)  # the untrained block: U starts small, so about the base model's loss
         for step in range(1, tc.train_steps + 1):
             if not order:
-                order = torch.randperm(len(train), generator=gen).tolist()
+                order = _in_order(train, tc.train_memory, gen)[::-1]
+            piece, fresh = order.pop()
             with torch.enable_grad():  # also when called under no_grad
-                loss, _ = _fwl_loss(lm, block, train[order.pop()], tc, chunk)
+                loss, _, state = _fwl_loss(lm, block, piece, tc, chunk, None if fresh else state)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(slow, 1.0)

@@ -62,18 +62,19 @@ def mix(lp: torch.Tensor, lam: float, tokens: torch.Tensor, weights: torch.Tenso
 
     lp: (n, V) log-probabilities; tokens, weights: (n, E), each row of weights summing to 1, or to
     0 where the memory has nothing for that position (the row keeps p_lm). p_mem is 0 (log -inf)
-    off the memory's tokens, so only the (row, token) pairs it holds need the logsumexp; the rest
+    off the memory's tokens, so only the (row, token) cells it holds need the logsumexp; the rest
     of the row is log(1 - lam) + log p_lm."""
     n, V = lp.shape
     has = weights.sum(1) > 0
     out = lp + torch.where(has, math.log1p(-lam), 0.0).to(lp.dtype)[:, None]
+    if lam == 0:
+        return out
+    q = torch.zeros_like(lp).scatter_add_(1, tokens, weights.to(lp.dtype))
     keep = weights > 0
     rows = torch.arange(n, device=lp.device)[:, None].expand_as(tokens)[keep]
-    cells, inv = torch.unique(rows * V + tokens[keep], return_inverse=True)
-    q = torch.zeros(len(cells), dtype=torch.float64, device=lp.device).index_add_(0, inv, weights[keep].double())
-    if lam > 0:
-        flat = out.view(-1)
-        flat[cells] = torch.logaddexp(flat[cells].double(), math.log(lam) + torch.log(q)).to(lp.dtype)
+    cols = tokens[keep]
+    # a token held by several entries of a row is written several times, always with the same value
+    out[rows, cols] = torch.logaddexp(out[rows, cols], math.log(lam) + torch.log(q[rows, cols]))
     return out
 
 
@@ -359,7 +360,11 @@ class ContinuousCache:
         valid = (e < t) & (e >= t - self.window)
         # float64: theta * h.h_i can be large, and float32 rounding of it would move p_cache visibly
         w = masked_softmax(self.theta * (h.double() @ keys.double().T), valid).float()
-        return values.expand(n, -1), w, float(valid.sum().item() * h.shape[1])
+        # every row shares the entries: sum the weights per distinct token once, so mixing touches
+        # each (row, token) cell once
+        tokens, inv = torch.unique(values, return_inverse=True)
+        w = torch.zeros(n, len(tokens), dtype=w.dtype, device=w.device).index_add_(1, inv, w)
+        return tokens.expand(n, -1), w, float(valid.sum().item() * h.shape[1])
 
     def add(self, h: torch.Tensor, next_tokens: torch.Tensor) -> None:
         h, next_tokens = h.detach(), next_tokens.detach().long()
