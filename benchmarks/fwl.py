@@ -157,6 +157,8 @@ def main() -> int:
     fwl = rec["fwl"]
     p = fwl["resolved"]["method_params"]
     tc = TrainConfig(**{f.name: p[f.name] for f in dataclasses.fields(TrainConfig)})
+    if tc.train_memory == "auto":
+        tc.train_memory = p["memory"]
     block = FWBlock(tc.block_config(lm))  # flops do not depend on the trained weights
     parts = breakdown(block, p["chunk"], args.segment_len)
     base = none["gflops_per_token"] * 1e9

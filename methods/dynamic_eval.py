@@ -3,9 +3,16 @@ mean NLL, keeping the new weights (SPEC section 3). The update rule lives in tta
 
 Cost: the scoring forward runs with autograd on and its graph is kept until `adapt`, where the loss is
 the segment's mean NLL from those very log-probabilities (the same context the scoring used), so each
-segment costs one forward, one backward and one update."""
+segment costs one forward, one backward and one update.
+
+Context: by default the context is a memory, as in Transformer-XL (which Krause et al. 2019 adapted):
+its keys and values come from a no-grad forward (a KV cache), the segment attends to them, and the
+gradient stops there, so the backward covers the segment's positions only. `context_grad: true`
+back-propagates through the context as well (the full window's backward: about 3x the cost of a
+1-token context for context_len 384)."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,6 +21,7 @@ import torch.nn.functional as F
 
 from tta_bench.dyneval import DynamicEvaluation, parse_selection, select_parameters
 from tta_bench.errors import TTABenchError
+from tta_bench.flops import dispatch_flops
 from tta_bench.method import Method
 from tta_bench.registry import register_method
 
@@ -30,6 +38,7 @@ class DynamicEval(Method):
         eps: float = 1e-5  # rms: added to sqrt(ms)
         params: str = "all"  # all | last N (blocks) | a regex on parameter names
         n_stat_segments: int = 100  # rms: prepare-split segments for the gradient statistics
+        context_grad: bool = False  # also back-propagate through the context (else it is a fixed memory)
 
         def problems(self) -> list[str]:
             out = []
@@ -60,6 +69,7 @@ class DynamicEval(Method):
             embedding = None  # the plain autograd gradient then
         self.dyn = DynamicEvaluation([named[n] for n in self.names], p.variant, p.lr, p.decay, p.eps, embedding)
         self._pending = None  # log-probabilities of the last scored segment, graph attached
+        self._segment_flops: dict = {}
 
     def prepare(self, data):
         if self.params.variant != "rms":
@@ -75,7 +85,8 @@ class DynamicEval(Method):
             for i, (seg, targets, _) in enumerate(segments(stream, protocol, self.lm.start_id)):
                 if i == n:
                     break
-                logprobs = self.lm.logprobs(seg.ids.to(self.lm.device), seg.n)
+                with torch.enable_grad():
+                    logprobs = self._logprobs(seg.ids.to(self.lm.device), seg.n)
                 yield self.dyn.grad(_nll(logprobs, targets.to(self.lm.device)))
 
         self.dyn.gradient_stats(grads())
@@ -87,9 +98,38 @@ class DynamicEval(Method):
     def score(self, seg):
         # Autograd on: the graph is kept for adapt(), which differentiates these very log-probabilities.
         with torch.enable_grad():
-            logprobs = self.lm.logprobs(seg.ids, seg.n)
+            logprobs = self._logprobs(seg.ids, seg.n)
         self._pending = (seg.ids.shape, logprobs)
         return logprobs.detach()
+
+    def _logprobs(self, ids, n):
+        """(n, V) log-probabilities with the graph the update differentiates (see the module docstring)."""
+        lm = self.lm
+        if self.params.context_grad or ids.shape[1] == n:
+            return lm.logprobs(ids, n)
+        context = ids[:, :-n]
+        shape = tuple(context.shape)  # an ordinary forward of the context, counted by fvcore
+        lm.ledger.record_forward("body", shape, lambda: lm._count_body(shape))
+        with torch.no_grad():
+            out = lm.body(input_ids=context, use_cache=True)
+        memory = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.24 | older
+        # The segment's forward attends to the memory: fvcore cannot trace it, so FlopCounterMode counts
+        # it (matmuls and attention, halved: the same convention), once per shape.
+        key = (tuple(ids.shape), n)
+        counting = lm.ledger.enabled
+        if counting and key not in self._segment_flops:
+            out = []
+            self._segment_flops[key] = dispatch_flops(lambda: out.append(self._segment(ids[:, -n:], memory)))
+            h = out[0]
+        else:
+            h = self._segment(ids[:, -n:], memory)
+        if counting:
+            lm.ledger.add("forward.body", self._segment_flops[key])
+        return F.log_softmax(lm.logits(h), dim=-1)
+
+    def _segment(self, ids, memory):
+        kw = "cache" if "cache" in inspect.signature(self.lm.body.forward).parameters else "past_key_values"
+        return self.lm.body(input_ids=ids, use_cache=True, **{kw: memory}).last_hidden_state[0]
 
     def adapt(self, seg):
         if self._pending is None or self._pending[0] != seg.ids.shape:

@@ -38,7 +38,7 @@ class FastWeightLayers(Method):
 
     @dataclass
     class Params(TrainConfig):
-        memory: Literal["document", "window"] = "document"
+        memory: Literal["document", "window"] = "window"
         chunk: int = 128  # linear attention chunk: quadratic inside, a carried state across
         checkpoint: str = ""  # a trained block (.safetensors); empty: the cache, else train in prepare
 

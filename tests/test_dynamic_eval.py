@@ -3,6 +3,7 @@ resets, causality, FLOP accounting, parameter selection, and the `select_on` gri
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 import pytest
@@ -80,13 +81,22 @@ def windows(ids, start_id, n_segments):
     return out
 
 
-def naive_logprobs(model, ids, n):
-    return F.log_softmax(model(input_ids=ids, logits_to_keep=n).logits[0].float(), dim=-1)
+def naive_logprobs(model, ids, n, context_grad=False):
+    """The graph the update differentiates: the whole window's, or (context_grad False) the segment's
+    attending to the context's keys and values computed without a graph (HF's cache)."""
+    if context_grad or ids.shape[1] == n:
+        return F.log_softmax(model(input_ids=ids, logits_to_keep=n).logits[0].float(), dim=-1)
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :-n], use_cache=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return F.log_softmax(model(input_ids=ids[:, -n:], use_cache=True, **{kw: cache}).logits[0].float(), dim=-1)
 
 
-@pytest.mark.parametrize("decay,select,tied", [(0.0, "all", False), (0.05, "all", False), (0.0, "all", True),
-                                               (0.0, "last 1", False), (0.0, r"mlp\.(up|down)_proj", False)])
-def test_sgd_equals_torch_optim(lm, decay, select, tied):
+@pytest.mark.parametrize("decay,select,tied,context_grad", [
+    (0.0, "all", False, False), (0.05, "all", False, False), (0.0, "all", True, False), (0.0, "all", False, True),
+    (0.0, "last 1", False, False), (0.0, r"mlp\.(up|down)_proj", False, False)])
+def test_sgd_equals_torch_optim(lm, decay, select, tied, context_grad):
     in_float64(lm)
     if tied:  # one matrix for the input embedding and the output head, as in most small LMs
         lm.model.lm_head.weight = lm.model.model.embed_tokens.weight
@@ -95,7 +105,7 @@ def test_sgd_equals_torch_optim(lm, decay, select, tied):
     assert len(stream.docs[0].ids) == 3 * S
     naive = copy.deepcopy(lm.model)
     lr = 0.05
-    method = make(lm, protocol, lr=lr, decay=decay, params=select)
+    method = make(lm, protocol, lr=lr, decay=decay, params=select, context_grad=context_grad)
     got = run(method, stream, protocol)
     assert len(got) == 3
 
@@ -106,7 +116,7 @@ def test_sgd_equals_torch_optim(lm, decay, select, tied):
     w0 = [p.detach().clone() for p in params]
     opt = torch.optim.SGD(params, lr=lr)
     for (ids, targets), lp in zip(windows(stream.docs[0].ids, lm.start_id, 3), got):
-        want = naive_logprobs(naive, ids, len(targets))
+        want = naive_logprobs(naive, ids, len(targets), context_grad)
         assert (want.detach() - lp).abs().max().item() < 1e-6
         opt.zero_grad()
         F.nll_loss(want, targets).backward()
@@ -215,24 +225,31 @@ def test_causality(lm, t):
 
 
 def test_flops(lm):
+    from tta_bench.models import TINY_CONFIG
+
     protocol = Protocol(S, C, "document")
     stream = stream_of(lm, [TEXT * 2])
-    n_seg = -(-stream.n_tokens // S)
-    backward = {}
-    for select, decay in (("all", 0.0), ("all", 0.1), ("last 1", 0.0)):
-        method = make(lm, protocol, lr=1e-3, params=select, decay=decay)
-        run(method, stream, protocol)
+    runs = {}
+    for select, decay, context_grad in (("all", 0.0, True), ("all", 0.1, True), ("last 1", 0.0, True), ("all", 0.0, False)):
+        method = make(lm, protocol, lr=1e-3, params=select, decay=decay, context_grad=context_grad)
+        shapes = []
+        evaluate(method, stream, protocol, progress=False, observer=lambda seg, lp, t: shapes.append((seg.ids.shape[1], seg.n)))
         method.close()
-        f = lm.ledger.resolve()["flops"]
-        forward = f["forward.body"] + f["forward.head"]
+        f = runs[select, decay, context_grad] = lm.ledger.resolve()["flops"]
         numel = sum(p.numel() for _, p in select_parameters(lm.model, select))
         # plain SGD is one multiply-add per adapted weight; the pull toward W0 adds a sub and a multiply-add
-        assert f["adapt.update"] == n_seg * numel * (3 if decay else 1)
-        backward[select] = f["adapt.backward"]
-        if select == "all":
-            # every matmul's backward is two matmuls of its size (input and weight gradients)
-            assert f["adapt.backward"] == pytest.approx(2 * forward, rel=1e-9)
-    assert 0 < backward["last 1"] < backward["all"]  # the backward stops at the last block
+        assert f["adapt.update"] == len(shapes) * numel * (3 if decay else 1)
+    full, memory = runs["all", 0.0, True], runs["all", 0.0, False]
+    # every matmul's backward is two matmuls of its size (input and weight gradients)
+    assert full["adapt.backward"] == pytest.approx(2 * (full["forward.body"] + full["forward.head"]), rel=1e-9)
+    assert 0 < runs["last 1", 0.0, True]["adapt.backward"] < full["adapt.backward"]  # stops at the last block
+    assert 0 < memory["adapt.backward"] < full["adapt.backward"]  # stops at the context
+    # With the context as a memory, the context's queries never meet the segment's keys: the attention
+    # counted (full matrices, fvcore's convention) drops from L*L to (L-n)^2 + n*L per layer and head.
+    heads, d = TINY_CONFIG["num_attention_heads"], TINY_CONFIG["hidden_size"] // TINY_CONFIG["num_attention_heads"]
+    saved = sum(TINY_CONFIG["num_hidden_layers"] * heads * n * (L - n) * 2 * d for L, n in shapes)
+    assert saved > 0 and full["forward.body"] - memory["forward.body"] == saved
+    assert full["forward.head"] == memory["forward.head"]
 
 
 def test_parameter_selection(lm):

@@ -258,7 +258,7 @@ def test_document_memory_equals_one_pass_over_each_document(tiny_lm):
     """Streaming with the state carried across segments (context_len 8: context positions must not be
     counted twice) equals one forward of the block over each document's scored positions."""
     protocol = Protocol(16, 8, "document")
-    method = make(tiny_lm, protocol=protocol)
+    method = make(tiny_lm, protocol=protocol, memory="document")
     stream = stream_of(tiny_lm, TEXT)
     seen = run(method, stream, protocol)
     block = method.block
@@ -295,7 +295,7 @@ def test_window_memory_equals_explicit_sgd_step_on_the_window(tiny_lm):
 @torch.no_grad()
 def test_document_memory_is_causal_and_resets(tiny_lm):
     protocol = Protocol(16, 8, "document")
-    method = make(tiny_lm, protocol=protocol)
+    method = make(tiny_lm, protocol=protocol, memory="document")
     base = run(method, stream_of(tiny_lm, TEXT), protocol)
     ids = stream_of(tiny_lm, TEXT).docs[0].ids
     t = 37  # inside the third segment
@@ -406,7 +406,7 @@ def test_fvcore_breakdown_matches_closed_form():
 
 def test_method_records_fwl_flops(tiny_lm):
     protocol = Protocol(16, 8, "document")
-    method = make(tiny_lm, protocol=protocol)
+    method = make(tiny_lm, protocol=protocol, memory="document")
     run(method, stream_of(tiny_lm, TEXT[:1]), protocol)
     flops = tiny_lm.ledger.resolve()["flops"]
     assert flops["forward.fwl.score"] > 0 and flops["forward.fwl.commit"] > 0 and flops["forward.head"] > 0
@@ -443,7 +443,7 @@ def test_fwl_dynamic_eval_over_all_weights_gives_the_model_back():
     lm = load_model("tiny", device="cpu")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     protocol = Protocol(16, 8, "document")
-    method = make(lm, "fwl-dynamic-eval", protocol=protocol, dyn_params="all", dyn_lr=0.01)
+    method = make(lm, "fwl-dynamic-eval", protocol=protocol, dyn_params="all", dyn_lr=0.01, memory="document")
     run(method, stream_of(lm, TEXT[:1]), protocol)
     assert any(not torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())  # it adapted the base
     flops = lm.ledger.resolve()["flops"]
@@ -460,7 +460,7 @@ def test_top_blocks_are_fine_tuned_in_a_private_copy():
     lm = load_model("tiny", device="cpu")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     protocol = Protocol(16, 8, "document")
-    method = make(lm, protocol=protocol, top_blocks=1, lr=1e-2)
+    method = make(lm, protocol=protocol, top_blocks=1, lr=1e-2, memory="document")
     # training changed the last block only, in the method's copy; the shared model is as it was
     changed = {k for k, v in method.model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(".layers.1." in k for k in changed)
@@ -487,6 +487,14 @@ def test_bad_parameters_are_reported_with_their_fix():
         assert "size must be >= 1" in text and "val_tokens" in text and "chunk must be >= 1" in text
     _, errs = method_class("fwl-dynamic-eval").make_params({"dyn_lr": 0, "dyn_params": "some"})
     assert any("dyn_params" in e for e in errs)
+    # train_memory auto follows the evaluation's memory, and is part of the checkpoint key resolved
+    from tta_bench.fwl import train_fields
+
+    for memory in ("document", "window"):
+        params, _ = method_class("fwl").make_params({"memory": memory})
+        assert train_fields(params)["train_memory"] == memory
+    params, _ = method_class("fwl").make_params({"memory": "document", "train_memory": "window"})
+    assert train_fields(params)["train_memory"] == "window"
 
 
 def test_untrained_block_barely_changes_the_base(tiny_lm):
@@ -511,7 +519,8 @@ def test_training_reads_documents_in_order_with_the_state_carried(tiny_lm):
     import tta_bench.fwl as fwl
 
     torch.manual_seed(0)
-    tc = TrainConfig(size=4, train_tokens=200, val_tokens=40, train_window=16, train_seq_len=8, u_scale=3.0)
+    tc = TrainConfig(size=4, train_tokens=200, val_tokens=40, train_window=16, train_seq_len=8, u_scale=3.0,
+                     train_memory="document")
     stream = tokenize([Document(f"d{i}", t) for i, t in enumerate(["first document text here", "second one, longer than the first"])],
                       tiny_lm.tokenizer, "t", "train")
     train, val = fwl._pieces(tiny_lm, tc, stream, progress=False)

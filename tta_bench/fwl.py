@@ -301,8 +301,8 @@ class TrainConfig:
     train_seq_len: int = 512  # the block's training sequences (pieces of a document)
     # document: a document's pieces are read in order, the state carried from one to the next (detached:
     # truncated back-propagation), so the block meets the long sums that memory=document evaluation builds;
-    # window: the state starts empty in every piece.
-    train_memory: Literal["document", "window"] = "document"
+    # window: the state starts empty in every piece; auto: as the method's `memory` (window without one).
+    train_memory: Literal["auto", "document", "window"] = "auto"
     train_steps: int = 150  # optimizer steps, one sequence each; the best validation loss's weights are kept
     lr: float = 1e-3  # Adam
     eta_lr: float = 1e-2  # Adam learning rate of the step sizes
@@ -331,8 +331,11 @@ class TrainConfig:
 
 
 def train_fields(obj) -> dict:
-    """The TrainConfig fields of obj (a TrainConfig or a method's Params that extends it)."""
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(TrainConfig)}
+    """The TrainConfig fields of obj (a TrainConfig or a method's Params that extends it), `auto` resolved."""
+    out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(TrainConfig)}
+    if out["train_memory"] == "auto":
+        out["train_memory"] = getattr(obj, "memory", "window")
+    return out
 
 
 def fwl_dir() -> Path:
@@ -521,7 +524,7 @@ def _in_order(pieces, memory: str, gen=None):
 def _validate(lm, block, val, tc, chunk) -> tuple[float, float]:
     tot, base_tot, n, state = 0.0, 0.0, 0, None
     with torch.no_grad():
-        for piece, fresh in _in_order(val, tc.train_memory):
+        for piece, fresh in _in_order(val, train_fields(tc)["train_memory"]):
             loss, base, state = _fwl_loss(lm, block, piece, tc, chunk, None if fresh else state)
             k = len(piece.targets)
             tot, base_tot, n = tot + loss.item() * k, base_tot + base.item() * k, n + k
@@ -575,7 +578,7 @@ def train_block(lm, tc: TrainConfig, stream, progress: bool = True, log=print) -
             validate(0)  # the untrained block: U starts small, so about the base model's loss
         for step in range(1, tc.train_steps + 1):
             if not order:
-                order = _in_order(train, tc.train_memory, gen)[::-1]
+                order = _in_order(train, train_fields(tc)["train_memory"], gen)[::-1]
             piece, fresh = order.pop()
             with torch.enable_grad():  # also when called under no_grad
                 loss, _, state = _fwl_loss(lm, block, piece, tc, chunk, None if fresh else state)
