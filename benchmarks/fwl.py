@@ -28,8 +28,9 @@ import time
 import torch
 
 
-def breakdown(block, chunk: int, n: int) -> dict[str, float]:
-    """fvcore flops per scored token of a full segment of n new positions (score + commit), by part."""
+def breakdown(block, chunk: int, n: int, memory: str) -> dict[str, float]:
+    """fvcore flops per scored token of a full segment of n positions (context_len 1), by part: the
+    carried-state pass and the commit of the last position (memory=document), or the window pass."""
     from fvcore.nn import FlopCountAnalysis
 
     from tta_bench.fwl import commit_pass, score_pass
@@ -38,8 +39,11 @@ def breakdown(block, chunk: int, n: int) -> dict[str, float]:
     base = torch.zeros(1, n, block.cfg.vocab)
     state = tuple(block.zero_state(1, x))
     parts: dict[str, float] = {}
-    for module, inputs in ((score_pass(block, chunk, True), (x, base, torch.zeros(1, n - 1, dtype=torch.long), *state)),
-                           (commit_pass(block), (x[:, :1], base[:, :1], torch.zeros(1, 1, dtype=torch.long), *state))):
+    passes = [(score_pass(block, chunk, False), (x, base, torch.zeros(1, n, dtype=torch.long)))]
+    if memory == "document":
+        passes = [(score_pass(block, chunk, True), (x, base, torch.zeros(1, n - 1, dtype=torch.long), *state)),
+                  (commit_pass(block), (x[:, :1], base[:, :1], torch.zeros(1, 1, dtype=torch.long), *state))]
+    for module, inputs in passes:
         a = FlopCountAnalysis(module, inputs)
         a.unsupported_ops_warnings(False)
         a.uncalled_modules_warnings(False)
@@ -160,9 +164,9 @@ def main() -> int:
     if tc.train_memory == "auto":
         tc.train_memory = p["memory"]
     block = FWBlock(tc.block_config(lm))  # flops do not depend on the trained weights
-    parts = breakdown(block, p["chunk"], args.segment_len)
+    parts = breakdown(block, p["chunk"], args.segment_len, p["memory"])
     base = none["gflops_per_token"] * 1e9
-    print(f"\nFWL flops per token (full segment of {args.segment_len}, m={p['size']}, d={lm.hidden_size},"
+    print(f"\nFWL flops per token (memory={p['memory']}, full segment of {args.segment_len}, m={p['size']}, d={lm.hidden_size},"
           f" V={lm.vocab_size}), as a fraction of none's {base / 1e6:.1f} MFLOPs:")
     print(f"  {'base body + head (as none)':<55}{base / 1e6:>9.2f} M  {1.0:>6.3f}")
     for name, v in parts.items():

@@ -8,8 +8,7 @@ segment costs one forward, one backward and one update.
 Context: by default the context is a memory, as in Transformer-XL (which Krause et al. 2019 adapted):
 its keys and values come from a no-grad forward (a KV cache), the segment attends to them, and the
 gradient stops there, so the backward covers the segment's positions only. `context_grad: true`
-back-propagates through the context as well (the full window's backward: about 3x the cost of a
-1-token context for context_len 384)."""
+back-propagates through the context as well (the whole window's backward). Both score identically."""
 from __future__ import annotations
 
 import inspect
@@ -118,9 +117,9 @@ class DynamicEval(Method):
         key = (tuple(ids.shape), n)
         counting = lm.ledger.enabled
         if counting and key not in self._segment_flops:
-            out = []
-            self._segment_flops[key] = dispatch_flops(lambda: out.append(self._segment(ids[:, -n:], memory)))
-            h = out[0]
+            hs = []
+            self._segment_flops[key] = dispatch_flops(lambda: hs.append(self._segment(ids[:, -n:], memory)))
+            h = hs[0]
         else:
             h = self._segment(ids[:, -n:], memory)
         if counting:

@@ -21,7 +21,7 @@ the owner must call `reset()` (or `close()`) before the model is used by anyone 
 object turns requires_grad on for its parameters; `close()` restores the flags it found.
 
 Input embedding: autograd's gradient of an embedding lookup is a dense vocab x d tensor (zeroed, then
-filled, then added to the tied head's gradient): on CPU about a tenth of a segment's work. Given the
+filled, then added to the tied head's gradient), a share of a segment's work on CPU. Given the
 embedding module, the lookup's output is made a leaf, and its gradient is added to the weight's rows
 (index_add): the same gradient, sparse. Only for a plain torch.nn.Embedding whose weight is adapted.
 
