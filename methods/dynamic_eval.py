@@ -32,7 +32,7 @@ class DynamicEval(Method):
     @dataclass
     class Params:
         variant: Literal["sgd", "rms"] = "sgd"
-        lr: float = 1e-3  # sgd: step size; rms: step per unit of normalised gradient (try ~1e-5 .. 1e-4)
+        lr: float = 1e-3  # sgd: step size; rms: step per unit of normalised gradient (smollm2: 3e-5 with eps 1e-3)
         decay: float = 0.0  # pull toward the original weights at every step
         eps: float = 1e-5  # rms: added to sqrt(ms)
         params: str = "all"  # all | last N (blocks) | a regex on parameter names
