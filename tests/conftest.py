@@ -22,6 +22,19 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and OpenMP threads spinning against other
+    processes on a shared 2-core machine make them up to 100x slower. Modules opt in by
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_lm():
     from tta_bench.models import load_model

@@ -8,13 +8,7 @@ from tta_bench.method import PrepareData, method_class
 from tests.conftest import SAMPLE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread only adds barrier waits (minutes on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stream(lm, texts, split="test"):

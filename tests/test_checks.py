@@ -48,14 +48,7 @@ def task(tmp_path):
     return {"name": "text", "split": "test", "prepare_split": "train", "params": {"splits": splits}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model gains nothing from two threads, and on a shared machine OpenMP's spinning threads
-    make it up to 100x slower; one thread keeps these tests at a few seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

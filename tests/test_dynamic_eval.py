@@ -26,14 +26,7 @@ TEXT = "Dynamic evaluation adapts the weights to recent text, so repeated words 
 PREP_TEXT = "Gradient statistics come from another split: the quick brown fox jumps over the lazy dog. " * 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from threads, and OpenMP threads spinning against other processes on
-    # a shared 2-core machine make them up to 100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

@@ -14,14 +14,7 @@ from tta_bench.fwl import (FAST, FWBlock, FWLConfig, FWStream, TrainConfig, comm
 D, M, V, T = 6, 5, 11, 13
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tensors here are tiny: a second thread only adds synchronisation, and spins badly when
-    # other processes share the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_block(seed=0, dtype=torch.float64, norm=1 / 8):

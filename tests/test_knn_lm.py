@@ -16,13 +16,7 @@ from tests.test_cache import CacheReference
 TRAIN = [t[::-1] + " extra words so the datastore has some more keys." for t in SAMPLE]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread only adds barrier waits (minutes on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stream(lm, texts, split):
