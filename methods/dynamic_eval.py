@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from tta_bench.dyneval import DynamicEvaluation, parse_selection, select_parameters
+from tta_bench.dyneval import DynamicEvaluation, parse_selection, select_parameters, update_rule_problems
 from tta_bench.errors import TTABenchError
 from tta_bench.flops import dispatch_flops
 from tta_bench.method import Method
@@ -40,15 +40,7 @@ class DynamicEval(Method):
         context_grad: bool = False  # also back-propagate through the context (else it is a fixed memory)
 
         def problems(self) -> list[str]:
-            out = []
-            if not self.lr > 0:
-                out.append(f"lr must be > 0, got {self.lr}")
-            if not 0 <= self.decay < 1:
-                out.append(f"decay must be in [0, 1), got {self.decay}")
-            if not self.eps > 0:
-                out.append(f"eps must be > 0, got {self.eps}")
-            if self.n_stat_segments < 1:
-                out.append(f"n_stat_segments must be >= 1, got {self.n_stat_segments}")
+            out = update_rule_problems(self.lr, self.decay, self.eps, self.n_stat_segments)
             try:
                 parse_selection(self.params)
             except TTABenchError as e:

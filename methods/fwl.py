@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from tta_bench.dyneval import DynamicEvaluation, update_rule_problems
 from tta_bench.errors import TTABenchError
 from tta_bench.flops import fvcore_count
 from tta_bench.fwl import FWStream, TrainConfig, commit_pass, load_checkpoint, score_pass, train_or_load
@@ -171,16 +172,8 @@ class FWLDynamicEval(FastWeightLayers):
         n_stat_segments: int = 100  # rms: prepare-split segments for the gradient statistics
 
         def problems(self) -> list[str]:
-            out = FastWeightLayers.Params.problems(self)
-            if not self.dyn_lr > 0:
-                out.append(f"dyn_lr must be > 0, got {self.dyn_lr}")
-            if not 0 <= self.dyn_decay < 1:
-                out.append(f"dyn_decay must be in [0, 1), got {self.dyn_decay}")
-            if not self.dyn_eps > 0:
-                out.append(f"dyn_eps must be > 0, got {self.dyn_eps}")
-            if self.n_stat_segments < 1:
-                out.append(f"n_stat_segments must be >= 1, got {self.n_stat_segments}")
-            return out
+            return FastWeightLayers.Params.problems(self) + update_rule_problems(
+                self.dyn_lr, self.dyn_decay, self.dyn_eps, self.n_stat_segments, prefix="dyn_")
 
     quick_params = {**QUICK, "n_stat_segments": 2}
 
@@ -190,8 +183,6 @@ class FWLDynamicEval(FastWeightLayers):
         self._pending = None
 
     def prepare(self, data):
-        from tta_bench.dyneval import DynamicEvaluation
-
         super().prepare(data)
         p = self.params
         named = self.block.slow_parameters()

@@ -44,6 +44,20 @@ VARIANTS = ("sgd", "rms")
 _LAST = re.compile(r"^last[\s_:-]*(\d+)(\s*blocks?)?$", re.IGNORECASE)
 
 
+def update_rule_problems(lr: float, decay: float, eps: float, n_stat_segments: int, prefix: str = "") -> list[str]:
+    """Config problems of the update rule's settings, named as the method calls them (`prefix`)."""
+    out = []
+    if not lr > 0:
+        out.append(f"{prefix}lr must be > 0, got {lr}")
+    if not 0 <= decay < 1:
+        out.append(f"{prefix}decay must be in [0, 1), got {decay}")
+    if not eps > 0:
+        out.append(f"{prefix}eps must be > 0, got {eps}")
+    if n_stat_segments < 1:
+        out.append(f"n_stat_segments must be >= 1, got {n_stat_segments}")
+    return out
+
+
 def parse_selection(spec: str) -> tuple[str, object]:
     """("all", None) | ("last", N) | ("pattern", compiled regex); raises on a bad spec."""
     spec = spec.strip()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from .errors import TTABenchError
-from .results import SCHEMA, atomic_write, cell_path, provenance, writable_problem
+from .results import SCHEMA, atomic_write, cell_path, device_name, provenance, writable_problem
 
 
 def _peak_reset(device) -> None:
@@ -200,7 +200,7 @@ def run_cell(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool = T
             "peak_memory_bytes": peak,
             "peak_memory_kind": peak_kind,
             "prepare_seconds": prepare_s,
-            "device": provenance_device(device),
+            "device": device_name(device),
         },
         "checks": None,
         "provenance": provenance(device, cell.seed),
@@ -242,12 +242,6 @@ def run_selected(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool
     return record
 
 
-def provenance_device(device) -> str:
-    from .results import device_name
-
-    return device_name(device)
-
-
 def run(path: str, force: bool = False, progress: bool | None = None, log=print, check: bool | None = None) -> Path:
     """Run every cell of the bench file not yet finished; return the run folder. With check (or the
     bench's `check: true`) each cell's record also holds the validity checks of its setting (SPEC 6)."""
@@ -280,7 +274,6 @@ def run(path: str, force: bool = False, progress: bool | None = None, log=print,
 
                 record["checks"] = check_cell(cell, record, lm)
                 log("    checks: " + ("all pass" if record["checks"]["passed"] else "FAILED: " + "; ".join(failures(record["checks"]))))
-            record["config"]["model"] = spec
             atomic_write(cell_path(run_dir, cell.cell_id), json.dumps(record, indent=1, sort_keys=False))
             m, c = record["metrics"], record["costs"]
             log(f"    token ppl {m['token_ppl']:.3f}  bits/byte {m['bits_per_byte']:.4f}  "
