@@ -34,12 +34,10 @@ import dataclasses
 import json
 import math
 import os
-import random
-import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
+from .probes import CheckData, Snapshot, jsonable, max_change, opened_files, perturbed, real_paths, rng_state, set_rng, shared_runs
 from .errors import TTABenchError
 
 CHECKS = ("causality", "normalisation", "split_separation", "determinism", "isolation")
@@ -62,199 +60,28 @@ class CheckSettings:
         return (2 * s + s // 2, s + s // 2, max(1, s // 2))
 
 
-# -- file audit ---------------------------------------------------------------------------------
-_OPENED: list | None = None
-_HOOKED = False
-
-
-def _audit(event, args):
-    if _OPENED is not None and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
-        _OPENED.append(os.path.abspath(os.fsdecode(args[0])))
-
-
-@contextmanager
-def opened_files():
-    """Record the path of every file this process opens inside the block (audit hooks cannot be
-    removed, so one is installed once and idles outside the block)."""
-    global _OPENED, _HOOKED
-    if not _HOOKED:
-        sys.addaudithook(_audit)
-        _HOOKED = True
-    outer, _OPENED = _OPENED, []
-    seen = _OPENED
-    try:
-        yield seen
-    finally:
-        if outer is not None:
-            outer.extend(seen)
-        _OPENED = outer
-
-
-def _real(paths) -> set[str]:
-    return {os.path.realpath(p) for p in paths}
-
-
-# -- data ---------------------------------------------------------------------------------------
-class CheckData:
-    """The task as the checks see it: the prepare loader (recording what it served) and the
-    evaluated split, read only when asked for."""
-
-    def __init__(self, lm, task: dict, limits: dict | None = None):
-        from .registry import get
-
-        self.lm, self.entry, self.limits = lm, task, limits or {}
-        self.split, self.prep = task["split"], task.get("prepare_split")
-        self.task_cls = get("task", task["name"])
-        self.loads: list = []  # every stream PrepareData.load returned
-        self._prep_docs = None
-
-    def _task(self):
-        return self.task_cls(**self.entry["params"])  # a fresh object: no cached documents
-
-    def evaluated_files(self) -> set[str]:
-        """Files the task opens to read the evaluated split but not to read the prepare split."""
-        with opened_files() as ev:
-            self._task().documents(self.split)
-        prep = []
-        if self.prep is not None:
-            with opened_files() as prep:
-                self._task().documents(self.prep)
-        code = (".py", ".pyc", ".so")  # a module imported on the first read is not data
-        return {p for p in _real(ev) - _real(prep) if os.path.isfile(p) and not p.endswith(code)}
-
-    def load_prepare(self, limit_tokens=None, limit_docs=None):
-        """PrepareData.load, as the runner serves it: the prepare split only."""
-        from .data import tokenize
-
-        if self.prep is None:
-            raise TTABenchError(f"the method needs a prepare split but task {self.entry['name']} has none besides"
-                                f" '{self.split}'; set `prepare_split` or provide the data")
-        if self.prep == self.split:
-            raise TTABenchError("prepare may not see the evaluated split (SPEC 2)")
-        if self._prep_docs is None:
-            self._prep_docs = self._task().documents(self.prep)
-        stream = tokenize(self._prep_docs, self.lm.tokenizer, self.entry["name"], self.prep, limit_docs, limit_tokens)
-        self.loads.append(stream)
-        return stream
-
-    def prepare_data(self):
-        from .method import PrepareData
-
-        return PrepareData(self.prep, self.load_prepare)
-
-    def evaluated_stream(self):
-        """The evaluated split as the cell sees it (the cell's limits)."""
-        from .data import tokenize
-
-        return tokenize(self._task().documents(self.split), self.lm.tokenizer, self.entry["name"], self.split,
-                        self.limits.get("docs"), self.limits.get("tokens"))
-
-    def check_stream(self, lengths):
-        """The first documents of the evaluated split long enough for `lengths`, each cut to it."""
-        from .data import Stream, TokenizedDoc, tokenize
-
-        docs, found = [], []
-        for doc in self._task().documents(self.split):
-            if len(docs) == len(lengths):
-                break
-            ids = tokenize([doc], self.lm.tokenizer, "", "").docs
-            n = len(ids[0].ids) if ids else 0
-            found.append(n)
-            if n >= lengths[len(docs)]:
-                docs.append(TokenizedDoc(doc.title, ids[0].ids[: lengths[len(docs)]], 0, 0))
-        if len(docs) < len(lengths):
-            raise TTABenchError(
-                f"the checks need {len(lengths)} documents of at least {', '.join(map(str, lengths))} tokens in"
-                f" {self.entry['name']}:{self.split}, found lengths {found[:10]}; use a task with longer documents")
-        return Stream(self.entry["name"], self.split, docs, "check")
-
-
-def perturbed(stream, t: int, vocab_size: int, seed: int = 0):
-    """The stream with every token from flat position t on replaced by a different random token."""
-    import torch
-
-    from .data import Stream
-
-    g = torch.Generator().manual_seed(seed * 1_000_003 + t)
-    docs, offset = [], 0
-    for d in stream.docs:
-        ids = list(d.ids)
-        a = max(0, t - offset)
-        if a < len(ids):
-            old = torch.tensor(ids[a:])
-            shift = torch.randint(1, vocab_size, (len(old),), generator=g)
-            ids[a:] = ((old + shift) % vocab_size).tolist()
-        docs.append(dataclasses.replace(d, ids=ids))
-        offset += len(d.ids)
-    return Stream(stream.task, stream.split, docs, f"{stream.fingerprint}+perturbed@{t}")
-
-
-def _shared_runs(loaded, evaluated, k: int) -> tuple[int, int]:
-    """(tokens of `loaded` inside a run of k tokens that also occurs in `evaluated`, tokens of `loaded`)."""
-    import numpy as np
-
-    powers = np.uint64(1_000_003) ** np.arange(k, dtype=np.uint64)  # wraps mod 2^64: a rolling hash
-
-    def grams(ids):
-        a = np.asarray(ids, dtype=np.uint64)
-        if len(a) < k:
-            return np.zeros(0, dtype=np.uint64)
-        return (np.lib.stride_tricks.sliding_window_view(a, k) * powers).sum(1)
-
-    ev = np.unique(np.concatenate([grams(d.ids) for d in evaluated.docs] or [np.zeros(0, np.uint64)]))
-    shared = total = 0
-    for d in loaded.docs:
-        total += len(d.ids)
-        hit = np.isin(grams(d.ids), ev).astype(np.int64)
-        if hit.any():  # a hit at i covers tokens i .. i+k-1
-            shared += int((np.convolve(hit, np.ones(k, dtype=np.int64))[: len(d.ids)] > 0).sum())
-    return shared, total
-
-
 # -- running a method ---------------------------------------------------------------------------
-def _rng_state():
-    import numpy as np
-    import torch
-
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
-
-
-def _set_rng(state):
-    import numpy as np
-    import torch
-
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-    torch.set_rng_state(state[2])
-    if state[3] is not None:
-        torch.cuda.set_rng_state_all(state[3])
-
-
 class _Instance:
-    """One prepared method; every evaluation starts from the same random state."""
+    """One prepared method, built as every cell is (cells.build_cell); each evaluation starts from the same random state."""
 
     def __init__(self, cls, params, lm, seed, protocol, data: CheckData):
-        from .runner import seed_everything
+        from .cells import build_cell
+        from .config import Cell
 
-        seed_everything(seed)
-        self.method = cls(lm, params, seed=seed, protocol=protocol)
+        cell = Cell({"name": lm.name}, data.entry, {"name": cls.registry_name, "params": dataclasses.asdict(params)}, seed,
+                    {"segment_len": protocol.segment_len, "context_len": protocol.context_len, "reset": protocol.reset},
+                    {}, str(lm.dtype).replace("torch.", ""), lm.device.type)
         self.protocol, self.closed = protocol, False
-        try:
-            with opened_files() as opened:
-                self.method.prepare(data.prepare_data())
-        except BaseException:
-            self.close()
-            raise
+        with opened_files() as opened:
+            self.built = build_cell(cell, lm, data=data.prepare_data(), load_stream=False)
+        self.method = self.built.method
         self.opened = opened
-        self.rng = _rng_state()
+        self.rng = rng_state()
 
     def run(self, stream, base=None, t=None):
         """(nll_sum, rows): rows are all log-probabilities (N, V) in stream order; with `base` and t,
         rows[i] is instead the largest change against base[i] for i <= t (0 beyond t)."""
         import torch
-
-        from .evaluate import evaluate
 
         offsets = [0]
         for d in stream.docs:
@@ -271,61 +98,12 @@ class _Instance:
                 b = min(a + seg.n, t + 1)
                 rows[a:b] = max_change(lp[: b - a], base[a:b])
 
-        _set_rng(self.rng)
-        result = evaluate(self.method, stream, self.protocol, progress=False, observer=observe)
+        set_rng(self.rng)
+        result = self.built.evaluate(observer=observe, stream=stream)
         return math.fsum(result.doc_nll), rows
 
     def close(self):
-        close = getattr(self.method, "close", None)
-        if close is not None and not self.closed:
-            self.closed = True
-            close()
-
-
-def max_change(a, b):
-    """Per row, the largest |a - b| over the vocabulary (equal infinities count as no change, NaN as infinite)."""
-    import torch
-
-    d = (a - b).abs()
-    d = torch.where(a == b, torch.zeros_like(d), d)
-    return torch.nan_to_num(d, nan=math.inf).max(-1).values
-
-
-class _Snapshot:
-    """The shared model's weights and requires_grad flags, to see (and undo) what a method left behind."""
-
-    def __init__(self, model):
-        self.model = model
-        self.values = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-        self.flags = {k: p.requires_grad for k, p in model.named_parameters()}
-
-    def problems_and_restore(self) -> list[str]:
-        import torch
-
-        out = []
-        state = self.model.state_dict(keep_vars=True)
-        changed = []
-        for k, v in self.values.items():
-            now = state[k].detach()
-            if now.shape != v.shape or not torch.equal(now, v):
-                size = (now.double() - v.double()).abs().max().item() if now.shape == v.shape else math.inf
-                changed.append((k, size))
-                with torch.no_grad():
-                    if now.shape == v.shape:
-                        state[k].data.copy_(v)
-                    else:
-                        state[k].data = v.clone()
-        if changed:
-            k, size = max(changed, key=lambda c: c[1])
-            out.append(f"after close() {len(changed)} of the shared model's {len(self.values)} tensors differ from"
-                       f" before the method ran (largest change {size:.3g}, in {k}); restore the weights in close()")
-        flips = [k for k, p in self.model.named_parameters() if p.requires_grad != self.flags[k]]
-        for k, p in self.model.named_parameters():
-            p.requires_grad_(self.flags[k])
-        if flips:
-            out.append(f"after close() requires_grad of {len(flips)} parameters differs from before (e.g. {flips[0]});"
-                       " give the flags back in close()")
-        return out
+        self.built.close()
 
 
 # -- the checks ---------------------------------------------------------------------------------
@@ -364,7 +142,7 @@ def check_method(lm, method, params=None, task: dict | None = None, seed: int = 
     saved_ledger = lm.ledger
     lm.ledger = Ledger(lm.fingerprint)
     lm.ledger.enabled = False  # checks cost nothing on the cell's bill
-    snapshot = _Snapshot(lm.model)
+    snapshot = Snapshot(lm.model)
     instances = []
 
     def new(reset):
@@ -475,7 +253,7 @@ def check_method(lm, method, params=None, task: dict | None = None, seed: int = 
 
         # split separation
         sep = results["split_separation"]
-        opened = _real(p for inst in instances for p in inst.opened)
+        opened = real_paths(p for inst in instances for p in inst.opened)
         sep["details"] = {"evaluated_split": data.split, "prepare_split": data.prep,
                           "evaluated_files": sorted(eval_files),
                           "loads": [{"split": st.split, "docs": len(st.docs), "tokens": st.n_tokens} for st in data.loads]}  # per prepare
@@ -490,7 +268,7 @@ def check_method(lm, method, params=None, task: dict | None = None, seed: int = 
             for st in unique:
                 if st.split == data.split:
                     fail("split_separation", f"PrepareData.load served the evaluated split '{data.split}'")
-                a, b = _shared_runs(st, evaluated, s.overlap_k)
+                a, b = shared_runs(st, evaluated, s.overlap_k)
                 shared, total = shared + a, total + b
             sep["details"]["shared_tokens"] = [shared, total]
             if total and shared / total > s.overlap_max:
@@ -504,24 +282,12 @@ def check_method(lm, method, params=None, task: dict | None = None, seed: int = 
         snapshot.problems_and_restore()
         lm.ledger = saved_ledger
     passed = all(r["passed"] is not False for r in results.values())
-    return {"passed": passed, "method": cls.registry_name, "params": _jsonable(dataclasses.asdict(params)),
+    return {"passed": passed, "method": cls.registry_name, "params": jsonable(dataclasses.asdict(params)),
             "model": lm.name, "device": str(lm.device), "seed": seed,
             "protocol": {"segment_len": s.segment_len, "context_len": s.context_len, "resets": ["document", "never"]},
             "task": {"name": task["name"], "split": data.split, "prepare_split": data.prep},
             "doc_tokens": [len(d.ids) for d in stream.docs], "checks": results,
             "seconds": time.perf_counter() - t_start}
-
-
-def _jsonable(v):
-    try:
-        json.dumps(v)
-        return v
-    except TypeError:
-        if isinstance(v, dict):
-            return {str(k): _jsonable(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [_jsonable(x) for x in v]
-        return repr(v)
 
 
 # -- command line and runner --------------------------------------------------------------------
@@ -598,7 +364,7 @@ def run_checks(path: str, model: str = "tiny", device: str = "cpu", only_bench: 
         try:
             rep = check_method(lm, name, params, task, seed, cfg.limits, s)
         except Exception as e:  # a method that crashes fails its checks; the others still run
-            rep = {"passed": False, "method": name, "params": _jsonable(params), "error": f"{type(e).__name__}: {e}"}
+            rep = {"passed": False, "method": name, "params": jsonable(params), "error": f"{type(e).__name__}: {e}"}
         rep["label"] = label
         reports.append(rep)
         if rep.get("error"):

@@ -1,4 +1,4 @@
-"""Command line: run, validate, list, leaderboard, check."""
+"""Command line: run, prepare, validate, list, leaderboard, check."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,7 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_list(args) -> int:
+    from . import models  # noqa: F401  (registers the built-in models)
     from .registry import describe, discover
 
     discover(args.plugins or [])
@@ -66,10 +67,11 @@ def _cmd_leaderboard(args) -> int:
     return 0
 
 
-def _cmd_train_fwl(args) -> int:
-    from .fwl import train_command
+def _cmd_prepare(args) -> int:
+    from .runner import prepare
 
-    return train_command(args)
+    prepare(args.bench, progress=False if args.no_progress else None)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,18 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--allow-mixed", action="store_true", help="merge cells whose provenance (harness version, data or model hash) differs")
     lb.add_argument("--readme", help="also replace the results block of this README")
     lb.set_defaults(fn=_cmd_leaderboard)
-    tf = sub.add_parser("train-fwl", help="meta-train a Fast Weight Layer block; the checkpoint is cached where the fwl method finds it")
-    tf.add_argument("--model", default="smollm2-135m")
-    tf.add_argument("--task", default="wikitext-2")
-    tf.add_argument("--split", default="valid", help="the split to train on (never the one you will evaluate)")
-    tf.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE", help="a task parameter (YAML value), e.g. splits={train: corpus/}")
-    tf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an fwl method parameter, e.g. train_steps=300")
-    tf.add_argument("--device", default="auto")
-    tf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    tf.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
-    tf.add_argument("--out", help="also copy the checkpoint here")
-    tf.add_argument("--no-progress", action="store_true", help="no progress bars")
-    tf.set_defaults(fn=_cmd_train_fwl)
+    pr = sub.add_parser("prepare", help="run each cell's preparation (training, datastores, statistics) ahead of time; `run` then only evaluates")
+    pr.add_argument("bench")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pr.set_defaults(fn=_cmd_prepare)
     return p
 
 

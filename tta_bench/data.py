@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TTABenchError
@@ -35,6 +35,8 @@ class Stream:
     split: str
     docs: list[TokenizedDoc]
     fingerprint: str = ""
+    cut: bool = False  # the last document was cut short by a token limit
+
 
     @property
     def n_tokens(self) -> int:
@@ -45,7 +47,7 @@ def tokenize(docs: list[Document], tokenizer, task: str, split: str,
              limit_docs: int | None = None, limit_tokens: int | None = None) -> Stream:
     """Tokenize documents in order, keeping boundaries; cut deterministically at the limits."""
     out: list[TokenizedDoc] = []
-    total = 0
+    total, cut = 0, False
     h = hashlib.sha256()
     for doc in docs[:limit_docs] if limit_docs else docs:
         ids, ends = tokenizer.encode(doc.text)
@@ -54,13 +56,13 @@ def tokenize(docs: list[Document], tokenizer, task: str, split: str,
         text = doc.text
         if limit_tokens is not None and total + len(ids) > limit_tokens:
             keep = limit_tokens - total
-            ids, text = ids[:keep], text[: ends[keep - 1]]
+            ids, text, cut = ids[:keep], text[: ends[keep - 1]], True
         out.append(TokenizedDoc(doc.title, ids, len(text.encode("utf-8")), count_words(text)))
         h.update(repr((doc.title, ids)).encode())
         total += len(ids)
         if limit_tokens is not None and total >= limit_tokens:
             break
-    return Stream(task, split, out, h.hexdigest()[:16])
+    return Stream(task, split, out, h.hexdigest()[:16], cut)
 
 
 class Task:
@@ -110,3 +112,8 @@ def default_data_roots() -> list[Path]:
         if cand not in roots:
             roots.append(cand)
     return roots
+
+
+def cache_dir() -> Path:
+    """Where loaded models and prepared state are cached: $TTA_BENCH_CACHE, else ~/.cache/tta_bench."""
+    return Path(os.environ.get("TTA_BENCH_CACHE", Path.home() / ".cache" / "tta_bench"))

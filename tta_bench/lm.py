@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .errors import TTABenchError
 from .flops import Ledger, fvcore_count
+
+FFN_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 
 
 class _Body(torch.nn.Module):
@@ -86,10 +89,48 @@ class LM:
     def hidden_size(self) -> int:
         return self.head.weight.shape[1]
 
-    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, model: torch.nn.Module | None = None, **kwargs):
+        """The body's output (a transformers model output) for (B, L) ids, counted in the ledger as one
+        forward of the body. `model`: a private copy of this LM's model that a method adapts (the same
+        architecture, so the same flops); kwargs go to the body (use_cache, past_key_values...)."""
+        shape = tuple(ids.shape)
+        self.ledger.record_forward("body", shape, lambda: self._count_body(shape))
+        body = self.body if model is None else model.base_model
+        return body(input_ids=ids, **{"use_cache": False, **kwargs})
+
+    def hidden(self, ids: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         """(B, L) ids -> (B, L, d) final hidden states (after the final norm)."""
-        self.ledger.record_forward("body", tuple(ids.shape), lambda s=tuple(ids.shape): self._count_body(s))
-        return self.body(input_ids=ids, use_cache=False).last_hidden_state
+        return self.forward(ids, model).last_hidden_state
+
+    def last_ffn(self) -> tuple[str, torch.nn.Module]:
+        """(name, module) of the feed-forward layer of the last transformer block: the blocks are the
+        ModuleList with one entry per layer (model.layers in Llama, transformer.h in GPT-2), the
+        feed-forward its last entry's mlp / feed_forward / ffn."""
+        cfg = self.model.config
+        n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers):
+                for attr in FFN_NAMES:
+                    sub = getattr(mod[len(mod) - 1], attr, None)
+                    if isinstance(sub, torch.nn.Module):
+                        return f"{name}.{len(mod) - 1}.{attr}", sub
+        raise TTABenchError(
+            f"cannot find the feed-forward layer of the last block of {type(self.model).__name__} (looked for a list"
+            f" of {n_layers} blocks with one of {', '.join(FFN_NAMES)}); use the final hidden state instead")
+
+    def hidden_and_ffn_input(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One counted forward: (final hidden states, input of the last block's feed-forward layer), each (B, L, d)."""
+        name, module = self.last_ffn()
+        seen = []
+        handle = module.register_forward_hook(lambda m, args, kwargs, out: seen.append(args[0] if args else next(iter(kwargs.values()))),
+                                              with_kwargs=True)
+        try:
+            h = self.hidden(ids)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise TTABenchError(f"{name} ran {len(seen)} times in one forward, expected once; use the final hidden state instead")
+        return h, seen[0]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., d) hidden states -> (..., V) float32 logits."""

@@ -16,7 +16,9 @@ A method is one class in `methods/`:
         def adapt(self, seg):            # seg.targets is set here, and only here
             ...
 
-The harness calls `prepare` once per cell with the task's non-evaluated split, `reset` at the start
+The harness calls `prepare` once per cell with the task's non-evaluated split (a
+`tta_bench.prepared.PrepareData`: the split, the base model's features over it, and the cache where
+prepared state is kept), `reset` at the start
 and at every document boundary when the reset policy is `document`, then `score` and `adapt` for
 each segment in stream order. Forwards through `self.lm` are counted automatically; a method adds the
 flops a forward trace cannot see (backward, update, search) with `self.ledger.add(key, flops)`.
@@ -26,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Callable
 
 from .errors import TTABenchError, did_you_mean
 
@@ -40,14 +41,6 @@ class Segment:
     targets: "torch.Tensor | None" = None  # (n,) target ids: given to adapt(), never to score()
 
 
-@dataclass
-class PrepareData:
-    """The split `prepare` may use (never the evaluated one); tokenized on demand."""
-
-    split: str | None
-    load: Callable[..., "Stream"]  # load(limit_tokens=None, limit_docs=None) -> Stream
-
-
 class Method:
     """Base class; subclasses set Params and implement score (and usually adapt)."""
 
@@ -56,6 +49,8 @@ class Method:
         pass
 
     registry_name = ""
+    # pip packages the method imports beyond the harness's own (recorded in each cell's provenance)
+    requires: tuple = ()
     # Parameter overrides that make a cheap run on the tiny test model (validity checks and the
     # tests parametrised over every method use them), e.g. {"train_steps": 5}.
     quick_params: dict = {}
@@ -70,7 +65,7 @@ class Method:
     def ledger(self):
         return self.lm.ledger
 
-    def prepare(self, data: PrepareData) -> None:
+    def prepare(self, data) -> None:
         """Build state from a non-evaluated split (statistics, training, a datastore)."""
 
     def reset(self) -> None:

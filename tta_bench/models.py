@@ -8,15 +8,12 @@ import json
 import os
 from pathlib import Path
 
+from .data import cache_dir
 from .errors import TTABenchError
 from .registry import REGISTRIES, register_model
 
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TTA_BENCH_CACHE", Path.home() / ".cache" / "tta_bench"))
 
 
 def resolve_device(device: str):

@@ -3,12 +3,14 @@
 Plugins are found three ways, none of which imports a plugin until it is used:
 - the folders `methods/` and `tasks/` of this repository (installed as `tta_bench_methods` and
   `tta_bench_tasks`), plus any folder or file named in a bench file's `plugins:` or in
-  $TTA_BENCH_PLUGINS (os.pathsep-separated);
+  $TTA_BENCH_PLUGINS (os.pathsep-separated). A folder holds one-file plugins (`*.py`) and plugin
+  packages (sub-folders with an `__init__.py`, whose modules import each other relatively);
 - the entry-point groups `tta_bench.methods` and `tta_bench.tasks`;
 - direct registration (`@register_method("name")` in code that is already imported).
 
 Files are read with `ast` to learn which names they register and the first docstring line of each
-class, so `tta-bench list` describes everything without importing torch-heavy code.
+class, so `tta-bench list` describes everything without importing torch-heavy code. Models register
+in `tta_bench.models`, which imports this module (never the other way round).
 """
 from __future__ import annotations
 
@@ -135,17 +137,37 @@ def _scan_source(path: Path) -> list[tuple[str, str, str]]:
     return found
 
 
-def _file_loader(path: Path, module_name: str) -> Callable[[], None]:
+def _import_package(name: str, folder: Path) -> None:
+    """Make a plugin package importable under `name` (so its modules' relative imports work)."""
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
+def _file_loader(path: Path, module_name: str, package: tuple[str, Path] | None) -> Callable[[], None]:
+    """Imports the module that registers a plugin: by name when it is importable (the built-in folders
+    once installed), else from its file; `package`: (name, folder) of the plugin package it lives in."""
     def load():
         if module_name in sys.modules:
             return
-        if "." in module_name and module_name.rsplit(".", 1)[0] in ("tta_bench_methods", "tta_bench_tasks"):
+        if module_name.split(".")[0] in _BUILTIN_PACKAGES.values():
             try:
                 importlib.import_module(module_name)
                 return
             except ModuleNotFoundError as e:
-                if e.name != module_name.rsplit(".", 1)[0] and e.name != module_name:
+                if not module_name.startswith(str(e.name)):
                     raise
+        if package is not None:
+            _import_package(*package)
+            importlib.import_module(module_name)
+            return
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
@@ -159,17 +181,26 @@ def _file_loader(path: Path, module_name: str) -> Callable[[], None]:
 
 
 def _scan_folder(folder: Path, package: str | None) -> None:
-    files = [folder] if folder.is_file() else sorted(folder.glob("*.py"))
-    for f in files:
-        if f.name.startswith("_"):
-            continue
-        if package:
-            module_name = f"{package}.{f.stem}"
-        else:
-            tag = hashlib.sha1(str(f.resolve()).encode()).hexdigest()[:8]
-            module_name = f"tta_bench_plugin_{tag}_{f.stem}"
+    """Index a plugin file, or a folder of plugin files and packages."""
+    def prefix(path: Path) -> str:
+        return package or f"tta_bench_plugin_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+
+    modules = []  # (file, module name, (package name, folder) or None)
+    if folder.is_file():
+        modules.append((folder, f"{prefix(folder)}_{folder.stem}", None))
+    else:
+        for f in sorted(folder.glob("*.py")):
+            if not f.name.startswith("_"):
+                modules.append((f, f"{package}.{f.stem}" if package else f"{prefix(f)}_{f.stem}", None))
+        for pkg in sorted(d for d in folder.iterdir() if (d / "__init__.py").is_file() and not d.name.startswith((".", "_"))):
+            pkg_name = f"{package}.{pkg.name}" if package else f"{prefix(pkg)}_{pkg.name}"
+            for f in sorted(pkg.rglob("*.py")):
+                parts = f.relative_to(pkg).with_suffix("").parts
+                parts = parts[:-1] if parts[-1] == "__init__" else parts
+                modules.append((f, ".".join((pkg_name, *parts)), (pkg_name, pkg)))
+    for f, module_name, pkg in modules:
         for kind, name, desc in _scan_source(f):
-            REGISTRIES[kind].add(Entry(name, kind, desc, str(f), loader=_file_loader(f, module_name)))
+            REGISTRIES[kind].add(Entry(name, kind, desc, str(f), loader=_file_loader(f, module_name, pkg)))
 
 
 def _builtin_folder(kind: str) -> Path | None:
@@ -196,8 +227,6 @@ def _entry_point_loader(ep) -> Callable[[], None]:
 
 def discover(extra_paths: list[str] | tuple[str, ...] = ()) -> None:
     """Index every plugin source; cheap, and safe to call repeatedly."""
-    import tta_bench.models  # noqa: F401  (registers the built-in models; imports no torch)
-
     for kind in ("method", "task"):
         folder = _builtin_folder(kind)
         if folder is not None and str(folder) not in _scanned:

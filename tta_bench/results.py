@@ -95,9 +95,10 @@ def device_name(device) -> str:
     return f"CPU: {name}, {torch.get_num_threads()} threads"
 
 
-def provenance(device, seed: int) -> dict:
+def provenance(device, seed: int, requires: tuple = ()) -> dict:
+    """Where a cell's numbers come from; `requires`: the method's own packages (Method.requires)."""
     versions = {}
-    for pkg in ("tta-bench", "torch", "transformers", "fvcore", "numpy", "faiss-cpu", "gguf"):
+    for pkg in ("tta-bench", "torch", "transformers", "fvcore", "numpy", "gguf", *requires):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -1,13 +1,14 @@
-"""Turn a bench file into cell records: preflight, resume, load, prepare, evaluate, cost, write."""
+"""Turn a bench file into cell records (preflight, resume, load, prepare, evaluate, cost, write), and
+`prepare`: every cell's preparation ahead of time, so that a later `run` only evaluates."""
 from __future__ import annotations
 
+import dataclasses
 import json
-import random
-import sys
 import time
 from pathlib import Path
 
 from . import config as config_mod
+from .cells import StreamCache, build_cell
 from .errors import TTABenchError
 from .results import SCHEMA, atomic_write, cell_path, device_name, provenance, writable_problem
 
@@ -72,94 +73,45 @@ def preflight(cfg: config_mod.BenchConfig) -> None:
         raise TTABenchError(problem)
 
 
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_protocol(cell_protocol: dict, lm):
-    from .evaluate import Protocol
-
-    ctx = cell_protocol["context_len"]
-    if ctx == "auto":
-        ctx = lm.window - cell_protocol["segment_len"]
-    if ctx < 1 or ctx + cell_protocol["segment_len"] - 1 > lm.window:
-        raise TTABenchError(
-            f"context_len {ctx} + segment_len {cell_protocol['segment_len']} - 1 exceeds the window of {lm.name}"
-            f" ({lm.window} tokens); lower them")
-    return Protocol(cell_protocol["segment_len"], ctx, cell_protocol["reset"])
-
-
-class StreamCache:
-    """Tokenized streams per (model tokenizer, task entry, split, limits)."""
-
-    def __init__(self):
-        self.cache = {}
-
-    def get(self, lm, task_entry: dict, split: str, limits: dict):
-        from .data import tokenize
-        from .registry import get
-
-        key = (lm.fingerprint, json.dumps(task_entry, sort_keys=True), split, json.dumps(limits, sort_keys=True))
-        if key not in self.cache:
-            task = get("task", task_entry["name"])(**task_entry["params"])
-            docs = task.documents(split)
-            self.cache[key] = tokenize(docs, lm.tokenizer, task_entry["name"], split,
-                                       limits.get("docs"), limits.get("tokens"))
-        return self.cache[key]
-
-
-def run_cell(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool = True, observer=None) -> dict:
+def run_cell(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool = True, observer=None, log=None) -> dict:
     """Evaluate one cell and return its record (not yet written)."""
-    import torch
-
-    from .evaluate import evaluate
-    from .flops import Ledger
-    from .method import PrepareData, method_class
-    from .metrics import bootstrap_ci, summarize
-
     if "grid" in cell.method:
-        return run_selected(cell, lm, streams, progress, observer)
+        return run_selected(cell, lm, streams, progress, observer, log)
     if lm.device.type == "cpu":
         _retain_freed_memory()
-    protocol = resolve_protocol(cell.protocol, lm)
-    stream = streams.get(lm, cell.task, cell.task["split"], cell.limits)
-    if stream.n_tokens == 0:
-        raise TTABenchError(f"task {cell.task['name']} {cell.task['split']} has no tokens after limits; raise the limits")
-    cls = method_class(cell.method["name"])
-    params, errs = cls.make_params(cell.method["params"])
-    if errs:
-        raise TTABenchError(errs[0])
-    seed_everything(cell.seed)
-    lm.ledger = Ledger(lm.fingerprint)
-    method = cls(lm, params, seed=cell.seed, protocol=protocol)
-    prep_split = cell.task["prepare_split"]
-
-    def load_prepare(limit_tokens=None, limit_docs=None):
-        if prep_split is None:
-            raise TTABenchError(f"method {cls.registry_name} needs a prepare split but task {cell.task['name']} has none besides"
-                                f" '{cell.task['split']}'; set `prepare_split` or provide the data")
-        if prep_split == cell.task["split"]:
-            raise TTABenchError("prepare may not see the evaluated split (SPEC 2)")
-        return streams.get(lm, cell.task, prep_split, {"docs": limit_docs, "tokens": limit_tokens})
-
-    device = lm.device
-    lm.ledger.enabled = False  # prepare's compute is reported as time, not per-token flops
-    t0 = time.perf_counter()
+    built = build_cell(cell, lm, streams, progress=progress)
+    if log:
+        log("    prepare: " + prepare_summary(built.data.events, built.prepare_seconds))
     try:
-        method.prepare(PrepareData(prep_split, load_prepare))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        prepare_s = time.perf_counter() - t0
-        lm.ledger.enabled = True
-        _peak_reset(device)
-        result = evaluate(method, stream, protocol, progress=progress, observer=observer)
+        _peak_reset(lm.device)
+        result = built.evaluate(progress=progress, observer=observer)
     finally:
-        method.close()  # the loaded model is shared by the next cells
+        built.close()  # the loaded model is shared by the next cells
+    return make_record(built, result)
+
+
+def prepare_summary(events: list[dict], seconds: float) -> str:
+    """One line: what prepare found in the cache and what it had to compute."""
+    if not events:
+        return f"nothing to prepare ({seconds:.1f}s)"
+    parts = []
+    for e in events:
+        if e["kind"] == "features":
+            edge = f", {e['edge_tokens']} edge tokens recomputed" if e["edge_tokens"] else ""
+            parts.append(f"features cached{edge}" if e["hit"] else f"features computed for {e['pass_tokens']} tokens{edge}")
+        else:
+            parts.append(f"{e['kind']} cached" if e["hit"] else f"{e['kind']} built in {e['seconds']:.1f}s")
+    return "; ".join(parts) + f" ({seconds:.1f}s)"
+
+
+def make_record(built, result) -> dict:
+    """The cell record (SPEC 7) of an evaluated cell."""
+    from .method import method_class
+    from .metrics import bootstrap_ci, summarize
+
+    cell, lm, stream, protocol, params = built.cell, built.lm, built.stream, built.protocol, built.params
+    cls = method_class(cell.method["name"])
+    device = lm.device
     peak, peak_kind = _peak_read(device)
     costs = lm.ledger.resolve()
     n_tokens = stream.n_tokens
@@ -179,7 +131,7 @@ def run_cell(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool = T
         "label": cell.label,
         "config": cell.as_dict(),
         "resolved": {"segment_len": protocol.segment_len, "context_len": protocol.context_len, "reset": protocol.reset,
-                     "prepare_split": prep_split, "model_window": lm.window, "model_source": lm.source,
+                     "prepare_split": cell.task["prepare_split"], "model_window": lm.window, "model_source": lm.source,
                      "model_fingerprint": lm.fingerprint, "method_params": {k: getattr(params, k) for k in cls.param_fields()}},
         "stream": {"task": stream.task, "split": stream.split, "fingerprint": stream.fingerprint,
                    "n_docs": len(docs), "n_tokens": n_tokens},
@@ -199,33 +151,38 @@ def run_cell(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool = T
             "timer": "cuda_events" if device.type == "cuda" else "perf_counter",
             "peak_memory_bytes": peak,
             "peak_memory_kind": peak_kind,
-            "prepare_seconds": prepare_s,
+            "prepare_seconds": built.prepare_seconds,
             "device": device_name(device),
         },
+        "prepare": {"seconds": built.prepare_seconds, "cache": built.data.events},
         "checks": None,
-        "provenance": provenance(device, cell.seed),
+        "provenance": provenance(device, cell.seed, cls.requires),
     }
 
 
-def run_selected(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool = True, observer=None) -> dict:
-    """A `select_on` cell: evaluate every grid setting on the selection split (never the evaluated one),
-    then the evaluated split with the setting of lowest NLL; the record says which split chose."""
-    import dataclasses
-
+def selection_cells(cell: config_mod.Cell) -> list[config_mod.Cell]:
+    """A `select_on` cell's candidates, each on the selection split with a prepare split that is
+    neither the selection split nor the evaluated one."""
     from .registry import get
 
     sel, task = cell.method["select_on"], cell.task
     if sel == task["split"]:
         raise TTABenchError(f"choosing a setting on the evaluated split '{sel}' is refused; set select_on to another split")
-    # prepare, while selecting, may see neither the selection split nor the evaluated one
     splits = [task["prepare_split"], *get("task", task["name"])(**task["params"]).available_splits()]
     prep = next((s for s in splits if s and s not in (sel, task["split"])), None)
+    return [dataclasses.replace(cell, task={**task, "split": sel, "prepare_split": prep},
+                                method={"name": cell.method["name"], "params": params}) for params in cell.method["grid"]]
+
+
+def run_selected(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool = True, observer=None, log=None) -> dict:
+    """A `select_on` cell: evaluate every grid setting on the selection split (never the evaluated one),
+    then the evaluated split with the setting of lowest NLL; the record says which split chose."""
+    sel = cell.method["select_on"]
     tried, first_error = [], None
-    for params in cell.method["grid"]:
-        sub = dataclasses.replace(cell, task={**task, "split": sel, "prepare_split": prep},
-                                  method={"name": cell.method["name"], "params": params})
+    for sub in selection_cells(cell):
+        params, prep = sub.method["params"], sub.task["prepare_split"]
         try:
-            m = run_cell(sub, lm, streams, progress=progress)["metrics"]
+            m = run_cell(sub, lm, streams, progress=progress, log=log)["metrics"]
             tried.append({"params": params, "token_ppl": m["token_ppl"], "nll_sum": m["nll_sum"], "n_tokens": m["n_tokens"]})
         except TTABenchError as e:  # e.g. a learning rate that diverges: that setting loses
             first_error = first_error or e
@@ -235,7 +192,7 @@ def run_selected(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool
         raise TTABenchError(f"every setting failed on the selection split '{sel}': {first_error}")
     best = min(ok, key=lambda t: t["nll_sum"])
     final = dataclasses.replace(cell, method={"name": cell.method["name"], "params": best["params"]})
-    record = run_cell(final, lm, streams, progress=progress, observer=observer)
+    record = run_cell(final, lm, streams, progress=progress, observer=observer, log=log)
     record.update(cell_id=cell.cell_id, label=cell.label, config=cell.as_dict())
     record["selection"] = {"split": sel, "prepare_split": prep, "criterion": "lowest token NLL on the selection split",
                            "chosen": best["params"], "candidates": tried}
@@ -248,7 +205,7 @@ def run(path: str, force: bool = False, progress: bool | None = None, log=print,
     cfg = config_mod.load(path)
     check = cfg.check if check is None else check
     preflight(cfg)
-    from .models import load_model, resolve_device
+    from .models import resolve_device
 
     device = resolve_device(cfg.device)
     cells = config_mod.expand(cfg, device.type)
@@ -257,18 +214,10 @@ def run(path: str, force: bool = False, progress: bool | None = None, log=print,
     log(f"{len(cells)} cells in {run_dir}: {len(cells) - len(todo)} done, {len(todo)} to run")
     show = cfg.progress if progress is None else progress
     streams = StreamCache()
-    by_model: dict[str, list] = {}
-    for c in todo:
-        by_model.setdefault(json.dumps(c.model, sort_keys=True), []).append(c)
-    for model_key, group in by_model.items():
-        spec = json.loads(model_key)
-        t0 = time.perf_counter()
-        extra = {k: v for k, v in spec.items() if k in ("revision", "source")}
-        lm = load_model(spec["name"], device=str(device), dtype=cfg.dtype, **extra)
-        log(f"loaded {spec['name']} ({lm.source}) on {device} in {time.perf_counter() - t0:.1f}s")
+    for lm, group in by_model(todo, device, cfg.dtype, log):
         for i, cell in enumerate(group, 1):
             log(f"[{i}/{len(group)}] {cell.label} on {cell.task['name']}:{cell.task['split']} seed {cell.seed}")
-            record = run_cell(cell, lm, streams, progress=show)
+            record = run_cell(cell, lm, streams, progress=show, log=log)
             if check:
                 from .checks import check_cell, failures
 
@@ -284,3 +233,43 @@ def run(path: str, force: bool = False, progress: bool | None = None, log=print,
     for o in outputs:
         log(f"wrote {o}")
     return run_dir
+
+
+def by_model(cells: list, device, dtype: str, log=print):
+    """(loaded LM, its cells) for each model of the cells, loading one model at a time."""
+    from .models import load_model
+
+    groups: dict[str, list] = {}
+    for c in cells:
+        groups.setdefault(json.dumps(c.model, sort_keys=True), []).append(c)
+    for model_key, group in groups.items():
+        spec = json.loads(model_key)
+        t0 = time.perf_counter()
+        extra = {k: v for k, v in spec.items() if k in ("revision", "source")}
+        lm = load_model(spec["name"], device=str(device), dtype=dtype, **extra)
+        log(f"loaded {spec['name']} ({lm.source}) on {device} in {time.perf_counter() - t0:.1f}s")
+        yield lm, group
+
+
+def prepare(path: str, progress: bool | None = None, log=print) -> int:
+    """`tta-bench prepare`: each cell's preparation (training, datastores, statistics), cached where
+    `run` finds it; returns the number of cells prepared. A `select_on` cell prepares every candidate."""
+    from .models import resolve_device
+
+    cfg = config_mod.load(path)
+    device = resolve_device(cfg.device)
+    cells = config_mod.expand(cfg, device.type)
+    show = cfg.progress if progress is None else progress
+    streams, t_all = StreamCache(), time.perf_counter()
+    for lm, group in by_model(cells, device, cfg.dtype, log):
+        jobs = []
+        for c in group:  # a selection cell: its candidates, and each setting as the final cell would run it
+            jobs += [c] if "grid" not in c.method else selection_cells(c) + [
+                dataclasses.replace(c, method={"name": c.method["name"], "params": p}) for p in c.method["grid"]]
+        for i, sub in enumerate(jobs, 1):
+            log(f"[{i}/{len(jobs)}] prepare {sub.label} on {sub.task['name']}:{sub.task['prepare_split']}")
+            built = build_cell(sub, lm, streams, progress=show, load_stream=False)
+            built.close()
+            log("    " + prepare_summary(built.data.events, built.prepare_seconds))
+    log(f"prepared {len(cells)} cells in {time.perf_counter() - t_all:.1f}s; `run` will find their state in the cache")
+    return len(cells)

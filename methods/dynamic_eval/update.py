@@ -1,11 +1,11 @@
 """The dynamic-evaluation update rule (Krause et al. 2018, 2019; SPEC section 3), reusable by any method.
 
-    from tta_bench.dyneval import DynamicEvaluation, select_parameters
+    from tta_bench_methods.dynamic_eval.update import DynamicEvaluation, select_parameters
 
     named = select_parameters(model, "last 2")         # "all" | "last N" (blocks) | a name regex
     dyn = DynamicEvaluation([p for _, p in named], variant="rms", lr=1e-4, decay=0.0, eps=1e-5,
                             embedding=model.get_input_embeddings())  # optional: a cheaper exact gradient
-    dyn.gradient_stats(grads for each prepare segment)  # rms only: ms = mean of g^2
+    dyn.use_stats(dyn.mean_square_root(grads for each prepare segment))  # rms only: sqrt(ms), ms = mean of g^2
     ...
     grads = dyn.grad(loss)                             # d loss / d params (autograd.grad, no .grad kept)
     dyn.step(grads)                                    # the update below, in place
@@ -37,8 +37,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .errors import TTABenchError
-from .flops import dispatch_flops
+from tta_bench.errors import TTABenchError
+from tta_bench.flops import dispatch_flops
 
 VARIANTS = ("sgd", "rms")
 _LAST = re.compile(r"^last[\s_:-]*(\d+)(\s*blocks?)?$", re.IGNORECASE)
@@ -131,7 +131,6 @@ class DynamicEvaluation:
             p.requires_grad_(True)
         self.denom: list[torch.Tensor] | None = None  # rms: sqrt(ms) + eps
         self.rms: list[torch.Tensor] | None = None  # rms with decay: sqrt(ms)
-        self.n_stats = 0
         self.numel = sum(p.numel() for p in self.params)
         self._backward_flops: dict = {}
         self._lookups: list = []  # (ids, leaf) of the watched embedding's forwards since the last grad()
@@ -152,20 +151,25 @@ class DynamicEvaluation:
         return leaf
 
     # -- gradient statistics (rms) ------------------------------------------------------------
-    def gradient_stats(self, grads_iter: Iterable[Sequence[torch.Tensor]]) -> int:
-        """ms = mean over the iterable of g^2 (one gradient list per prepare segment); returns the count."""
-        sums = [torch.zeros_like(p) for p in self.params]
-        n = 0
+    @staticmethod
+    def mean_square_root(grads_iter: Iterable[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        """sqrt(ms), ms = mean over the iterable of g^2 (one gradient list per prepare segment)."""
+        sums, n = None, 0
         for grads in grads_iter:
+            sums = sums or [torch.zeros_like(g) for g in grads]
             torch._foreach_addcmul_(sums, list(grads), list(grads))
             n += 1
         if n == 0:
             raise TTABenchError("no segments for the rms gradient statistics; give the prepare split some text or use variant sgd")
-        rms = torch._foreach_sqrt(torch._foreach_div(sums, float(n)))
+        return torch._foreach_sqrt(torch._foreach_div(sums, float(n)))
+
+    def use_stats(self, rms: Sequence[torch.Tensor]) -> None:
+        """The rms rule's statistics: sqrt(ms) of every parameter, in order (from gradient_stats or a cache)."""
+        rms = [r.to(p.device, p.dtype) for r, p in zip(rms, self.params)]
+        if len(rms) != len(self.params) or any(r.shape != p.shape for r, p in zip(rms, self.params)):
+            raise TTABenchError("rms statistics do not match the adapted parameters; delete the cached statistics")
         self.denom = torch._foreach_add(rms, self.eps)
         self.rms = rms if self.decay > 0 else None
-        self.n_stats = n
-        return n
 
     # -- gradient and update ------------------------------------------------------------------
     def grad(self, loss: torch.Tensor, ledger=None, key=None) -> list[torch.Tensor]:

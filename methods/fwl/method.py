@@ -1,11 +1,12 @@
 """Fast Weight Layers (Clark et al. 2022; SPEC section 3), and FWL combined with dynamic evaluation.
 
 A small block on the base model's final hidden states whose weights, at every position, have taken one
-SGD step on the losses of all earlier tokens (computed exactly, as linear attention; tta_bench/fwl.py).
-`prepare` loads the block from `checkpoint`, else from the cache (keyed by base model, configuration and
-prepare data), else meta-trains it on the prepare split (`tta-bench train-fwl` does the same ahead of time).
+SGD step on the losses of all earlier tokens (computed exactly, as linear attention; `block.py`).
+`prepare` loads the block from `checkpoint`, else from the harness's cache of prepared state (keyed by
+base model, training configuration and prepare data), else meta-trains it on the prepare split
+(`train.py`; `tta-bench prepare` does it ahead of time).
 
-memory:
+fast_state:
 - `document`: the fast-weight state carries from segment to segment (until reset: each document under
   reset=document, never under reset=never). A segment's new positions see every earlier position's
   gradient; the last one's target arrives in adapt(), which adds it to the state.
@@ -15,19 +16,21 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import sys
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from tta_bench.dyneval import DynamicEvaluation, update_rule_problems
 from tta_bench.errors import TTABenchError
 from tta_bench.flops import fvcore_count
-from tta_bench.fwl import FWStream, TrainConfig, commit_pass, load_checkpoint, score_pass, train_or_load
 from tta_bench.method import Method
 from tta_bench.registry import register_method
+from tta_bench_methods.dynamic_eval.method import rms_statistics
+from tta_bench_methods.dynamic_eval.update import DynamicEvaluation, update_rule_problems
+
+from .block import FWStream, commit_pass, score_pass
+from .train import FORMAT, TrainConfig, load_checkpoint, save_checkpoint, train_block, train_fields
 
 QUICK = {"size": 8, "train_tokens": 600, "val_tokens": 100, "train_window": 32, "train_seq_len": 64,
          "train_steps": 4, "eval_every": 0}
@@ -39,7 +42,7 @@ class FastWeightLayers(Method):
 
     @dataclass
     class Params(TrainConfig):
-        memory: Literal["document", "window"] = "window"
+        fast_state: Literal["document", "window"] = "window"  # carried through the document, or per window
         chunk: int = 128  # linear attention chunk: quadratic inside, a carried state across
         checkpoint: str = ""  # a trained block (.safetensors); empty: the cache, else train in prepare
 
@@ -57,13 +60,10 @@ class FastWeightLayers(Method):
         self.stream = None
         self.info: dict = {}
         self.model = None  # a private copy of the base model when its top blocks were fine-tuned
-        self._body = None
 
     # -- prepare ------------------------------------------------------------------------------------
     def prepare(self, data):
         p = self.params
-        progress = sys.stderr.isatty()
-        log = lambda s: print(s, file=sys.stderr)  # noqa: E731
         if p.checkpoint:
             block, base, info = load_checkpoint(p.checkpoint, self.lm.device)
             if info.get("model") != self.lm.fingerprint:
@@ -71,26 +71,30 @@ class FastWeightLayers(Method):
                                     f" ({info.get('model')}), not {self.lm.name} ({self.lm.fingerprint}); train one for it")
         else:
             stream = data.load(limit_tokens=p.train_tokens)
-            block, base, info, _ = train_or_load(self.lm, p, stream, progress=progress, log=log)
+
+            def train(folder):
+                block, base, info = train_block(self.lm, p, stream, data, progress=data.progress, log=data.log)
+                save_checkpoint(folder / "block.safetensors", block, base, info)
+                return {k: info[k] for k in ("train_seconds", "train_tokens", "best_step", "val_nll")}
+
+            folder = data.cached("fwl-block", stream, {"format": FORMAT, "train": train_fields(p)}, train)
+            block, base, info = load_checkpoint(folder / "block.safetensors", self.lm.device)
         self._use(block, base, info)
 
     def _use(self, block, base_params: dict, info: dict):
-        from tta_bench.lm import _Body
-
         if block.cfg.d_in != self.lm.hidden_size or block.cfg.vocab != self.lm.vocab_size:
             raise TTABenchError(f"FWL block is for hidden size {block.cfg.d_in} and vocabulary {block.cfg.vocab},"
                                 f" not {self.lm.name}'s {self.lm.hidden_size} and {self.lm.vocab_size}; train one for it")
         self.block = block.to(self.lm.device, torch.float32).eval()  # float32 whatever the base's dtype
         for q in self.block.parameters():
             q.requires_grad_(False)
-        self.info = info
+        self.info, self._base = info, base_params
         if base_params:  # the fine-tuned top blocks live in a private copy: the loaded model is shared
             self.model = copy.deepcopy(self.lm.model)
             named = dict(self.model.named_parameters())
             with torch.no_grad():
                 for k, v in base_params.items():
                     named[k].copy_(v)
-            self._body = _Body(self.model.base_model)
         self.stream = FWStream(self.block, self.params.chunk)
         cfg = self.block.cfg
         self._tag = hashlib.sha1(repr((cfg, self.params.chunk)).encode()).hexdigest()[:8]
@@ -101,11 +105,7 @@ class FastWeightLayers(Method):
             self.stream.reset()
 
     def _hidden(self, ids):
-        if self._body is None:
-            return self.lm.hidden(ids)
-        shape = tuple(ids.shape)
-        self.ledger.record_forward("body", shape, lambda: fvcore_count(self._body, (torch.zeros(shape, dtype=torch.long, device=ids.device),)))
-        return self._body(ids)
+        return self.lm.hidden(ids, model=self.model)  # the private copy when the top blocks were fine-tuned
 
     def _fast_logits(self, seg):
         """(n, V) fast logits of the segment's targets; records the block's forward in the ledger."""
@@ -113,7 +113,7 @@ class FastWeightLayers(Method):
             raise TTABenchError("fwl: score() before prepare(); the block is trained or loaded in prepare")
         n, L = seg.n, seg.ids.shape[1]
         h = self._hidden(seg.ids)
-        if self.params.memory == "document":
+        if self.params.fast_state == "document":
             h = h[:, -n:]
             self._record("score", (n,), self._count_score)
             return self.stream.segment_logits(h.float(), self.lm.logits(h), seg.ids[:, L - n + 1:])[0]
@@ -127,12 +127,12 @@ class FastWeightLayers(Method):
 
     @torch.no_grad()
     def adapt(self, seg):
-        if self.params.memory == "document":
+        if self.params.fast_state == "document":
             self._record("commit", (1,), self._count_commit)
             self.stream.commit(seg.targets[-1:].view(1, 1))
 
     def close(self):
-        self.model = self._body = None
+        self.model = None
 
     # -- FLOPs (SPEC 5): fvcore traces of the block's passes, once per shape ----------------------------
     def _record(self, kind, shape, counter):
@@ -193,29 +193,34 @@ class FWLDynamicEval(FastWeightLayers):
             self._gradient_stats(data)
 
     def _gradient_stats(self, data):
-        from tta_bench.evaluate import Protocol, segments
+        from tta_bench.evaluate import Protocol
 
-        protocol = self.protocol or Protocol()
-        n = self.params.n_stat_segments
+        protocol, n = self.protocol or Protocol(), self.params.n_stat_segments
         stream = data.load(limit_tokens=n * protocol.segment_len)
-        enabled, self.ledger.enabled = self.ledger.enabled, False
 
         def grads():
-            for i, (seg, targets, doc_start) in enumerate(segments(stream, protocol, self.lm.start_id)):
-                if i == n:
-                    break
-                if doc_start:
-                    self.stream.reset()
-                seg.ids, targets = seg.ids.to(self.lm.device), targets.to(self.lm.device)
-                with torch.enable_grad():
-                    logprobs = F.log_softmax(self._fast_logits(seg), -1)
-                yield self.dyn.grad(F.nll_loss(logprobs, targets))
-                if self.params.memory == "document":
-                    with torch.no_grad():
-                        self.stream.commit(targets[-1:].view(1, 1))
+            try:
+                for i, seg in enumerate(data.segments(stream, protocol)):
+                    if i == n:
+                        break
+                    if seg.start == 0:
+                        self.stream.reset()
+                    with torch.enable_grad():
+                        logprobs = F.log_softmax(self._fast_logits(seg), -1)
+                    yield self.dyn.grad(F.nll_loss(logprobs, seg.targets))
+                    if self.params.fast_state == "document":
+                        with torch.no_grad():
+                            self.stream.commit(seg.targets[-1:].view(1, 1))
+            finally:
+                self.stream.reset()
 
+        p = self.params
+        weights = [t for _, t in sorted(self.block.state_dict().items())] + [t for _, t in sorted(self._base.items())]
+        key = {"block": _digest(weights), "fast_state": p.fast_state, "chunk": p.chunk, "dyn_params": p.dyn_params,
+               "n_stat_segments": n, "protocol": [protocol.segment_len, protocol.context_len, protocol.reset]}
+        enabled, self.ledger.enabled = self.ledger.enabled, False
         try:
-            self.dyn.gradient_stats(grads())
+            self.dyn.use_stats(rms_statistics(data, stream, key, grads))
         finally:
             self.ledger.enabled = enabled
             self.stream.reset()
@@ -247,3 +252,11 @@ class FWLDynamicEval(FastWeightLayers):
         if self.dyn is not None:
             self.dyn.close()
         super().close()
+
+
+def _digest(tensors) -> str:
+    """sha256 of tensors' bytes: what the rms statistics of fwl-dynamic-eval were computed with."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,14 +1,18 @@
 """Dynamic evaluation (Krause et al. 2018, 2019): after scoring a segment, one gradient step on its
-mean NLL, keeping the new weights (SPEC section 3). The update rule lives in tta_bench.dyneval.
+mean NLL, keeping the new weights (SPEC section 3). The update rule lives in `update.py` beside this file.
 
 Cost: the scoring forward runs with autograd on and its graph is kept until `adapt`, where the loss is
 the segment's mean NLL from those very log-probabilities (the same context the scoring used), so each
 segment costs one forward, one backward and one update.
 
-Context: by default the context is a memory, as in Transformer-XL (which Krause et al. 2019 adapted):
-its keys and values come from a no-grad forward (a KV cache), the segment attends to them, and the
+Context: by default the context is a fixed KV cache, as in Transformer-XL (which Krause et al. 2019
+adapted): its keys and values come from a no-grad forward, the segment attends to them, and the
 gradient stops there, so the backward covers the segment's positions only. `context_grad: true`
-back-propagates through the context as well (the whole window's backward). Both score identically."""
+back-propagates through the context as well (the whole window's backward). Both score identically.
+
+rms: the gradient statistics come from the first `n_stat_segments` segments of the prepare split,
+cached by the harness (keyed by model, data, protocol and the adapted parameters), so `tta-bench
+prepare` computes them once."""
 from __future__ import annotations
 
 import inspect
@@ -18,11 +22,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from tta_bench.dyneval import DynamicEvaluation, parse_selection, select_parameters, update_rule_problems
 from tta_bench.errors import TTABenchError
 from tta_bench.flops import dispatch_flops
 from tta_bench.method import Method
 from tta_bench.registry import register_method
+
+from .update import DynamicEvaluation, parse_selection, select_parameters, update_rule_problems
 
 
 @register_method("dynamic-eval")
@@ -65,22 +70,23 @@ class DynamicEval(Method):
     def prepare(self, data):
         if self.params.variant != "rms":
             return
-        from tta_bench.evaluate import Protocol, segments
+        from tta_bench.evaluate import Protocol
 
-        protocol = self.protocol or Protocol()
-        n = self.params.n_stat_segments
+        p, protocol = self.params, self.protocol or Protocol()
         # Every segment has at most segment_len targets, so this many tokens give at least n segments.
-        stream = data.load(limit_tokens=n * protocol.segment_len)
+        stream = data.load(limit_tokens=p.n_stat_segments * protocol.segment_len)
 
         def grads():
-            for i, (seg, targets, _) in enumerate(segments(stream, protocol, self.lm.start_id)):
-                if i == n:
+            for i, seg in enumerate(data.segments(stream, protocol)):
+                if i == p.n_stat_segments:
                     break
                 with torch.enable_grad():
-                    logprobs = self._logprobs(seg.ids.to(self.lm.device), seg.n)
-                yield self.dyn.grad(_nll(logprobs, targets.to(self.lm.device)))
+                    logprobs = self._logprobs(seg.ids, seg.n)
+                yield self.dyn.grad(_nll(logprobs, seg.targets))
 
-        self.dyn.gradient_stats(grads())
+        key = {"params": self.names, "n_stat_segments": p.n_stat_segments, "context_grad": p.context_grad,
+               "protocol": [protocol.segment_len, protocol.context_len, protocol.reset]}
+        self.dyn.use_stats(rms_statistics(data, stream, key, grads))
 
     def reset(self):
         self.dyn.reset()
@@ -98,29 +104,27 @@ class DynamicEval(Method):
         lm = self.lm
         if self.params.context_grad or ids.shape[1] == n:
             return lm.logprobs(ids, n)
-        context = ids[:, :-n]
-        shape = tuple(context.shape)  # an ordinary forward of the context, counted by fvcore
-        lm.ledger.record_forward("body", shape, lambda: lm._count_body(shape))
+        context = ids[:, :-n]  # an ordinary forward of the context, counted by fvcore
         with torch.no_grad():
-            out = lm.body(input_ids=context, use_cache=True)
-        memory = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.24 | older
-        # The segment's forward attends to the memory: fvcore cannot trace it, so FlopCounterMode counts
+            out = lm.forward(context, use_cache=True)
+        kv = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.24 | older
+        # The segment's forward attends to the cached keys and values: fvcore cannot trace it, so FlopCounterMode counts
         # it (matmuls and attention, halved: the same convention), once per shape.
         key = (tuple(ids.shape), n)
         counting = lm.ledger.enabled
         if counting and key not in self._segment_flops:
             hs = []
-            self._segment_flops[key] = dispatch_flops(lambda: hs.append(self._segment(ids[:, -n:], memory)))
+            self._segment_flops[key] = dispatch_flops(lambda: hs.append(self._segment(ids[:, -n:], kv)))
             h = hs[0]
         else:
-            h = self._segment(ids[:, -n:], memory)
+            h = self._segment(ids[:, -n:], kv)
         if counting:
             lm.ledger.add("forward.body", self._segment_flops[key])
         return F.log_softmax(lm.logits(h), dim=-1)
 
-    def _segment(self, ids, memory):
+    def _segment(self, ids, kv):
         kw = "cache" if "cache" in inspect.signature(self.lm.body.forward).parameters else "past_key_values"
-        return self.lm.body(input_ids=ids, use_cache=True, **{kw: memory}).last_hidden_state[0]
+        return self.lm.body(input_ids=ids, use_cache=True, **{kw: kv}).last_hidden_state[0]
 
     def adapt(self, seg):
         if self._pending is None or self._pending[0] != seg.ids.shape:
@@ -139,3 +143,18 @@ class DynamicEval(Method):
 def _nll(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The segment's mean NLL."""
     return F.nll_loss(logprobs, targets)
+
+
+def rms_statistics(data, stream, key: dict, grads) -> list[torch.Tensor]:
+    """sqrt(ms) of every adapted parameter (the rms rule's statistics), from the harness's cache of
+    prepared state, or computed from `grads()` (one gradient list per prepare segment) and cached."""
+    from safetensors.torch import load_file, save_file
+
+    def build(folder):
+        rms = DynamicEvaluation.mean_square_root(grads())
+        save_file({f"p{i}": r.detach().cpu().contiguous() for i, r in enumerate(rms)}, str(folder / "rms.safetensors"))
+        return {"parameters": len(rms)}
+
+    folder = data.cached("rms-statistics", stream, {"format": 1, **key}, build)
+    tensors = load_file(str(folder / "rms.safetensors"))
+    return [tensors[f"p{i}"] for i in range(len(tensors))]

@@ -1,0 +1,271 @@
+"""Fast Weight Layers (Clark et al., "Meta-Learning Fast Weight Language Models", EMNLP 2022; SPEC 3).
+
+The block sits on the base model's final hidden states x (dimension d); m = `size`:
+
+    h1 = W1 x + b1 (d -> 4m)   a = relu(h1)^2   h2 = W2 a + b2 (4m -> m)   z = LayerNorm(h2; alpha, beta)
+    logits = base_logits + U z          (U untied, m -> vocab; without base logits the block is the head)
+
+Inner gradient. Position j's loss L_j = c * cross-entropy(logits_j, next token), c a fixed normaliser
+(1 / train_seq_len, never the batch's token count). Its gradient at the logits is c * (softmax - onehot);
+back-propagated by hand (`inner_grads`) it gives, at every position, the gradient at each dense layer's
+output (g_j) and at the LayerNorm output (gz_j). The gradient of a dense weight is rank one,
+dL_j/dW = g_j u~_j^T (u~_j the layer's input in the slow pass), and dL_j/dalpha = gz_j * xhat_j,
+dL_j/dbeta = gz_j. U is not fast.
+
+Fast pass. At position i every fast parameter theta is its value after one SGD step on sum_{j<i} L_j,
+theta - eta_theta * sum_{j<i} dL_j/dtheta, with a learned scalar step size eta per parameter (init 0.01).
+For a dense layer that is causal linear attention (query: the layer's fast input u_i, key: u~_j, value: g_j):
+
+    out_i = W u_i + b - eta_W * sum_{j<i} (u_i . u~_j) g_j - eta_b * sum_{j<i} g_j
+
+computed chunk by chunk: the sums over earlier chunks are a carried state, the accumulated gradient of
+each fast parameter (`FWState`, so the weights at chunk k are literally W - eta_W * state.w1), and the
+strictly causal part inside a chunk is a masked (chunk x chunk) product. Cost and memory are linear in
+the length; the state can be carried across segments (`FWStream`: fast_state document).
+
+Training lives in `train.py`, the method classes in `method.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tta_bench.errors import TTABenchError
+
+FAST = ("w1", "b1", "w2", "b2", "alpha", "beta")  # the fast parameters, each with its own step size
+
+
+@dataclass(frozen=True)
+class FWLConfig:
+    d_in: int  # the base model's hidden size d
+    size: int  # m: the block's width (the first dense layer has 4m units)
+    vocab: int
+    norm: float  # c: the fixed normaliser of every position's inner loss
+    eps: float = 1e-5  # LayerNorm
+    eta_init: float = 0.01
+
+
+class Acts(NamedTuple):
+    """What the slow pass keeps for the inner gradient and the keys of the fast pass."""
+
+    h1: torch.Tensor
+    a: torch.Tensor
+    xhat: torch.Tensor
+    rstd: torch.Tensor
+    z: torch.Tensor
+
+
+class Grads(NamedTuple):
+    """Per-position gradients of the position's own loss at each dense layer's output and at the LayerNorm output."""
+
+    h1: torch.Tensor
+    h2: torch.Tensor
+    z: torch.Tensor
+
+
+class FWState(NamedTuple):
+    """The accumulated gradient sum_j dL_j/dtheta of every fast parameter over the positions seen so far
+    (batch first): the fast weights are theta - eta_theta * state."""
+
+    w1: torch.Tensor  # (B, 4m, d)
+    b1: torch.Tensor  # (B, 4m)
+    w2: torch.Tensor  # (B, m, 4m)
+    b2: torch.Tensor  # (B, m)
+    alpha: torch.Tensor  # (B, m)
+    beta: torch.Tensor  # (B, m)
+
+
+class _Scope(nn.Module):
+    """Runs fn(*args) inside a named module, so fvcore's by_module() can attribute its flops."""
+
+    def forward(self, fn, *args):
+        return fn(*args)
+
+
+def _exclusive_cumsum(g: torch.Tensor) -> torch.Tensor:
+    """sum_{j<i} g_j along dim 1."""
+    return torch.cat([torch.zeros_like(g[:, :1]), g[:, :-1]], 1).cumsum(1)
+
+
+class FWBlock(nn.Module):
+    """The fast weight block: slow pass, explicit inner gradient, fast pass (see the module docstring)."""
+
+    def __init__(self, cfg: FWLConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, m, V = cfg.d_in, cfg.size, cfg.vocab
+        self.dense1 = nn.Linear(d, 4 * m)
+        self.dense2 = nn.Linear(4 * m, m)
+        self.ln_alpha = nn.Parameter(torch.ones(m))
+        self.ln_beta = nn.Parameter(torch.zeros(m))
+        self.unembed = nn.Linear(m, V, bias=False)
+        self.eta = nn.ParameterDict({k: nn.Parameter(torch.tensor(float(cfg.eta_init))) for k in FAST})
+        # FLOP breakdown only: vocabulary projections, dense layers, linear attention inside a chunk, state updates.
+        self.op_vocab, self.op_dense, self.op_attn, self.op_state = _Scope(), _Scope(), _Scope(), _Scope()
+
+    def slow_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Every parameter except the step sizes."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("eta.")]
+
+    # -- slow pass and inner gradient -----------------------------------------------------------
+    def _normalize(self, h2):
+        mu = h2.mean(-1, keepdim=True)
+        xc = h2 - mu
+        rstd = torch.rsqrt(xc.square().mean(-1, keepdim=True) + self.cfg.eps)
+        return xc * rstd, rstd
+
+    def slow(self, x: torch.Tensor) -> Acts:
+        h1 = self.op_dense(F.linear, x, self.dense1.weight, self.dense1.bias)
+        a = F.relu(h1).square()
+        h2 = self.op_dense(F.linear, a, self.dense2.weight, self.dense2.bias)
+        xhat, rstd = self._normalize(h2)
+        return Acts(h1, a, xhat, rstd, self.ln_alpha * xhat + self.ln_beta)
+
+    def logits(self, z: torch.Tensor, base_logits: torch.Tensor | None) -> torch.Tensor:
+        if base_logits is None:
+            return self.op_vocab(F.linear, z, self.unembed.weight)
+        # base + U z in one GEMM (no extra pass over the vocabulary-sized output)
+        V, m = self.unembed.weight.shape
+        out = self.op_vocab(torch.addmm, base_logits.reshape(-1, V), z.reshape(-1, m), self.unembed.weight.t())
+        return out.view(*z.shape[:-1], V)
+
+    def output_grad(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """c * (softmax(logits) - onehot(target)) per position; zero where the target is -1 (unknown)."""
+        scale = (targets >= 0).to(logits.dtype).unsqueeze(-1) * self.cfg.norm
+        gl = torch.softmax(logits, -1) * scale
+        return gl.scatter_add_(-1, targets.clamp(min=0).unsqueeze(-1), -scale)  # minus the one-hot, in place
+
+    def inner_grads(self, acts: Acts, gl: torch.Tensor) -> Grads:
+        """Back-propagate each position's output gradient gl through U, LayerNorm, W2 and the squared ReLU."""
+        gz = self.op_vocab(torch.matmul, gl, self.unembed.weight)
+        gxhat = gz * self.ln_alpha
+        gh2 = acts.rstd * (gxhat - gxhat.mean(-1, keepdim=True) - acts.xhat * (gxhat * acts.xhat).mean(-1, keepdim=True))
+        ga = self.op_dense(torch.matmul, gh2, self.dense2.weight)
+        return Grads(ga * 2 * F.relu(acts.h1), gh2, gz)
+
+    # -- fast pass --------------------------------------------------------------------------------
+    def zero_state(self, batch: int, like: torch.Tensor) -> FWState:
+        d, m = self.cfg.d_in, self.cfg.size
+        z = lambda *s: torch.zeros((batch, *s), dtype=like.dtype, device=like.device)  # noqa: E731
+        return FWState(z(4 * m, d), z(4 * m), z(m, 4 * m), z(m), z(m), z(m))
+
+    def _fast_dense(self, u, k, g, layer, wk, bk, acc_w, acc_b, chunk):
+        """One fast dense layer over the sequence: query u (fast input), key k (slow input), value g."""
+        eta_w, eta_b = self.eta[wk], self.eta[bk]
+        bias = layer.bias - eta_b * (acc_b.unsqueeze(1) + _exclusive_cumsum(g))
+        outs = []
+        for s in range(0, u.shape[1], chunk):
+            uc, kc, gc = u[:, s:s + chunk], k[:, s:s + chunk], g[:, s:s + chunk]
+            w = layer.weight - eta_w * acc_w  # the weights after the step on every earlier chunk
+            out = self.op_dense(torch.matmul, uc, w.transpose(1, 2))
+            scores = self.op_attn(torch.matmul, uc, kc.transpose(1, 2)).tril(-1)  # strictly causal: j < i
+            outs.append(out - eta_w * self.op_attn(torch.matmul, scores, gc))
+            acc_w = acc_w + self.op_state(torch.matmul, gc.transpose(1, 2), kc)
+        return torch.cat(outs, 1) + bias, acc_w, acc_b + g.sum(1)
+
+    def fast(self, x: torch.Tensor, acts: Acts, grads: Grads, state: FWState | None = None,
+             chunk: int = 128) -> tuple[torch.Tensor, FWState]:
+        """The LayerNorm output z at every position from the fast weights, and the state after the sequence."""
+        if state is None:
+            state = self.zero_state(x.shape[0], x)
+        h1, w1, b1 = self._fast_dense(x, x, grads.h1, self.dense1, "w1", "b1", state.w1, state.b1, chunk)
+        a = F.relu(h1).square()
+        h2, w2, b2 = self._fast_dense(a, acts.a, grads.h2, self.dense2, "w2", "b2", state.w2, state.b2, chunk)
+        xhat, _ = self._normalize(h2)
+        g_alpha, g_beta = grads.z * acts.xhat, grads.z
+        alpha = self.ln_alpha - self.eta["alpha"] * (state.alpha.unsqueeze(1) + _exclusive_cumsum(g_alpha))
+        beta = self.ln_beta - self.eta["beta"] * (state.beta.unsqueeze(1) + _exclusive_cumsum(g_beta))
+        new = FWState(w1, b1, w2, b2, state.alpha + g_alpha.sum(1), state.beta + g_beta.sum(1))
+        return alpha * xhat + beta, new
+
+    def accumulate(self, state: FWState, x: torch.Tensor, acts: Acts, grads: Grads) -> FWState:
+        """The state after adding the gradients of positions (x, acts, grads) (all batch first)."""
+        mm = lambda g, k: self.op_state(torch.matmul, g.transpose(1, 2), k)  # noqa: E731
+        return FWState(state.w1 + mm(grads.h1, x), state.b1 + grads.h1.sum(1),
+                       state.w2 + mm(grads.h2, acts.a), state.b2 + grads.h2.sum(1),
+                       state.alpha + (grads.z * acts.xhat).sum(1), state.beta + grads.z.sum(1))
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor, base_logits: torch.Tensor | None = None,
+                state: FWState | None = None, chunk: int = 128) -> tuple[torch.Tensor, FWState]:
+        """x (B, T, d), targets (B, T) (-1: unknown, no gradient) -> fast logits (B, T, V) and the new state.
+
+        The targets of positions j < i are used at i; position i's own target never is."""
+        acts = self.slow(x)
+        gl = self.output_grad(self.logits(acts.z, base_logits), targets)
+        z, state = self.fast(x, acts, self.inner_grads(acts, gl), state, chunk)
+        return self.logits(z, base_logits), state
+
+
+class FWStream:
+    """The fast-weight state carried from segment to segment (fast_state: document) until `reset`.
+
+    `segment_logits` scores the new positions of a segment: their fast weights include every earlier
+    committed position and the earlier positions of this segment (whose targets are the segment's own
+    next inputs); `commit(last_target)` adds the segment's last position once its target is known."""
+
+    def __init__(self, block: FWBlock, chunk: int = 128):
+        self.block, self.chunk = block, chunk
+        self.reset()
+
+    def reset(self):
+        self.state: FWState | None = None
+        self._pending = None
+
+    def segment_logits(self, x: torch.Tensor, base_logits: torch.Tensor | None, next_ids: torch.Tensor) -> torch.Tensor:
+        """x (1, n, d) and base logits (1, n, V) of the n new positions; next_ids (1, n-1): the targets of
+        all but the last (known from the input). Returns the fast logits (1, n, V)."""
+        b = self.block
+        targets = torch.cat([next_ids, next_ids.new_full((x.shape[0], 1), -1)], 1)
+        acts = b.slow(x)
+        slow_logits = b.logits(acts.z, base_logits)
+        z, state = b.fast(x, acts, b.inner_grads(acts, b.output_grad(slow_logits, targets)), self.state, self.chunk)
+        self._pending = (state, x[:, -1:], Acts(*(t[:, -1:] for t in acts)), slow_logits[:, -1:])
+        return b.logits(z, base_logits)
+
+    def commit(self, last_target: torch.Tensor) -> None:
+        """last_target (1, 1): the target of the segment's last position."""
+        if self._pending is None:
+            raise TTABenchError("FWStream.commit() without segment_logits(); score the segment first")
+        state, x, acts, slow_logits = self._pending
+        b = self.block
+        self.state = b.accumulate(state, x, acts, b.inner_grads(acts, b.output_grad(slow_logits, last_target)))
+        self._pending = None
+
+
+class Pass(nn.Module):
+    """One of the block's computations as a module with tensor inputs, for fvcore's tracer."""
+
+    def __init__(self, block: FWBlock, fn):
+        super().__init__()
+        self.block, self.fn = block, fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def score_pass(block: FWBlock, chunk: int, stream: bool) -> Pass:
+    """What scoring a segment runs in the block: stream=True is FWStream.segment_logits with a carried
+    state (inputs x, base, next_ids, *state); False is a whole window from an empty state (x, base, targets)."""
+    # The new state is returned too: eager mode computes it, so the trace must not drop it as dead code.
+    if stream:
+        def fn(x, base, next_ids, *state):
+            s = FWStream(block, chunk)
+            s.state = FWState(*state)
+            return (s.segment_logits(x, base, next_ids), *s._pending[0])
+    else:
+        def fn(x, base, targets):
+            logits, state = block(x, targets, base, None, chunk)
+            return (logits, *state)
+    return Pass(block, fn)
+
+
+def commit_pass(block: FWBlock) -> Pass:
+    """FWStream.commit: the last position's inner gradient and the state update (x, slow_logits, target, *state)."""
+    def fn(x, slow_logits, target, *state):
+        acts = block.slow(x)
+        return tuple(block.accumulate(FWState(*state), x, acts, block.inner_grads(acts, block.output_grad(slow_logits, target))))
+    return Pass(block, fn)

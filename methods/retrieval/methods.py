@@ -1,0 +1,147 @@
+"""The retrieval methods: kNN-LM (Khandelwal et al. 2020), the continuous cache (Grave et al. 2017),
+and both together (Khandelwal et al. 2020, section 6)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from tta_bench.method import Method
+from tta_bench.registry import register_method
+
+from .cache import CachePart, cache_problems
+from .knn import KnnPart, knn_problems
+
+
+@register_method("knn-lm")
+class KnnLM(Method):
+    """kNN-LM: interpolate with a faiss nearest-neighbour datastore built from the prepare split."""
+
+    requires = ("faiss-cpu",)
+
+    @dataclass
+    class Params:
+        k: int = 1024  # neighbours per position
+        lam: float = 0.25  # lambda: weight of p_knn
+        temperature: float = 1.0  # p_knn ~ exp(-squared L2 distance / temperature)
+        key: Literal["ffn_input", "hidden"] = "ffn_input"  # last block's feed-forward input, or final hidden state
+        index: Literal["auto", "exact", "ivfpq"] = "auto"  # auto: exact below 100k keys, else IVF-PQ
+        nlist: int = 1024  # IVF cells
+        code_size: int = 64  # PQ bytes per key (must divide the key dimension)
+        nprobe: int = 32  # IVF cells searched per query
+        rerank: int = 1  # IVF-PQ: re-rank rerank*k candidates by exact distance (0: PQ distances)
+        online: bool = False  # also add each scored test token to the datastore (reset per the policy)
+        datastore_tokens: Optional[int] = None  # cap on prepare-split tokens (None: all)
+
+        def problems(self):
+            return knn_problems(self)
+
+    quick_params = {"k": 16, "datastore_tokens": 2000}
+    # the validity checks also run these on the tiny model (64-dim keys)
+    check_variants = [{"online": True}, {"index": "ivfpq", "nlist": 4, "code_size": 8, "nprobe": 2, "online": True}]
+
+    def prepare(self, data):
+        self.knn = KnnPart(self, self.params)
+        self.knn.prepare(data)
+
+    def reset(self):
+        self.knn.reset()
+
+    @torch.no_grad()
+    def score(self, seg):
+        h, key = self.knn.reader(seg.ids, seg.n)
+        lp = F.log_softmax(self.lm.logits(h), dim=-1)
+        return self.knn.apply(lp, key)
+
+    def adapt(self, seg):
+        self.knn.adapt(seg.targets)
+
+
+@register_method("cache")
+class ContinuousCacheLM(Method):
+    """Continuous cache: interpolate with p(w) ~ sum exp(theta h_t.h_i) over recent positions followed by w."""
+
+    @dataclass
+    class Params:
+        window: int = 2000  # positions kept (per document under reset=document)
+        # inverse temperature on h_t . h_i; scale it to the model's hidden-state norm: 0.01 was best for
+        # smollm2-135m (|h| ~ 45) on held-out WikiText-2 valid, Grave et al.'s LSTM used 0.3
+        theta: float = 0.01
+        lam: float = 0.1  # lambda: weight of p_cache
+
+        def problems(self):
+            return cache_problems(self.window, self.theta, self.lam)
+
+    quick_params = {"window": 64}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        p = self.params
+        self.cache = CachePart(self, p.window, p.theta, p.lam)
+
+    def reset(self):
+        self.cache.reset()
+
+    @torch.no_grad()
+    def score(self, seg):
+        h = self.lm.hidden(seg.ids)[0, -seg.n:]
+        lp = F.log_softmax(self.lm.logits(h), dim=-1)
+        return self.cache.apply(lp, h, seg)
+
+    def adapt(self, seg):
+        self.cache.adapt(seg.targets)
+
+
+@register_method("knn-cache")
+class KnnCache(Method):
+    """kNN-LM + continuous cache: a faiss datastore from the prepare split and a cache of the stream."""
+
+    requires = ("faiss-cpu",)
+
+    @dataclass
+    class Params:
+        k: int = 1024
+        lam: float = 0.25  # weight of p_knn
+        temperature: float = 1.0
+        key: Literal["ffn_input", "hidden"] = "ffn_input"
+        index: Literal["auto", "exact", "ivfpq"] = "auto"
+        nlist: int = 1024
+        code_size: int = 64
+        nprobe: int = 32
+        rerank: int = 1
+        online: bool = False
+        datastore_tokens: Optional[int] = None
+        window: int = 2000  # cache positions
+        theta: float = 0.01  # cache inverse temperature (see ContinuousCacheLM)
+        cache_lam: float = 0.1  # weight of p_cache
+
+        def problems(self):
+            return knn_problems(self) + cache_problems(self.window, self.theta, self.cache_lam, "cache_lam")
+
+    quick_params = {"k": 16, "datastore_tokens": 2000, "window": 64}
+    check_variants = [{"online": True}]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        p = self.params
+        self.cache = CachePart(self, p.window, p.theta, p.cache_lam)
+
+    def prepare(self, data):
+        self.knn = KnnPart(self, self.params)
+        self.knn.prepare(data)
+
+    def reset(self):
+        self.knn.reset()
+        self.cache.reset()
+
+    @torch.no_grad()
+    def score(self, seg):
+        h, key = self.knn.reader(seg.ids, seg.n)
+        lp = F.log_softmax(self.lm.logits(h), dim=-1)
+        return self.cache.apply(self.knn.apply(lp, key), h, seg)
+
+    def adapt(self, seg):
+        self.knn.adapt(seg.targets)
+        self.cache.adapt(seg.targets)

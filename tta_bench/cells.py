@@ -1,0 +1,137 @@
+"""One way to build a cell: a resolved cell -> (model, stream, prepared method), for `run`,
+`prepare`, `check` and the benchmarks alike.
+
+    built = build_cell(cell, lm, streams)       # the method made, seeded and prepared
+    try:
+        result = built.evaluate()              # the protocol over the evaluated stream (EvalResult)
+    finally:
+        built.close()                          # the shared model goes back as it was found
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+
+from .config import Cell
+from .data import Stream, tokenize
+from .errors import TTABenchError
+from .method import Method, method_class
+from .prepared import PrepareData
+from .registry import get
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_protocol(cell_protocol: dict, lm):
+    from .evaluate import Protocol
+
+    ctx = cell_protocol["context_len"]
+    if ctx == "auto":
+        ctx = lm.window - cell_protocol["segment_len"]
+    if ctx < 1 or ctx + cell_protocol["segment_len"] - 1 > lm.window:
+        raise TTABenchError(
+            f"context_len {ctx} + segment_len {cell_protocol['segment_len']} - 1 exceeds the window of {lm.name}"
+            f" ({lm.window} tokens); lower them")
+    return Protocol(cell_protocol["segment_len"], ctx, cell_protocol["reset"])
+
+
+class StreamCache:
+    """Tokenized streams per (model tokenizer, task entry, split, limits)."""
+
+    def __init__(self):
+        self.cache = {}
+
+    def get(self, lm, task_entry: dict, split: str, limits: dict) -> Stream:
+        key = (lm.fingerprint, json.dumps(task_entry, sort_keys=True), split, json.dumps(limits, sort_keys=True))
+        if key not in self.cache:
+            task = get("task", task_entry["name"])(**task_entry["params"])
+            self.cache[key] = tokenize(task.documents(split), lm.tokenizer, task_entry["name"], split,
+                                       limits.get("docs"), limits.get("tokens"))
+        return self.cache[key]
+
+
+def prepare_data(cell: Cell, lm, streams: StreamCache, progress: bool = False, log=None) -> PrepareData:
+    """The cell's prepare split, served only when it is not the evaluated one (SPEC 2)."""
+    task, prep = cell.task, cell.task["prepare_split"]
+
+    def load(limit_tokens=None, limit_docs=None):
+        if prep is None:
+            raise TTABenchError(f"method {cell.method['name']} needs a prepare split but task {task['name']} has none"
+                                f" besides '{task['split']}'; set `prepare_split` or provide the data")
+        if prep == task["split"]:
+            raise TTABenchError("prepare may not see the evaluated split (SPEC 2)")
+        return streams.get(lm, task, prep, {"docs": limit_docs, "tokens": limit_tokens})
+
+    source = f"{task['name']}:{json.dumps(task['params'], sort_keys=True)}"
+    kw = {"log": log} if log else {}
+    return PrepareData(prep, load, lm, source, progress, **kw)
+
+
+@dataclass
+class PreparedCell:
+    """A cell ready to evaluate: its model, protocol, evaluated stream and prepared method."""
+
+    cell: Cell
+    lm: object
+    protocol: object
+    method: Method
+    params: object
+    data: PrepareData
+    stream: Stream | None
+    prepare_seconds: float
+    closed: bool = field(default=False)
+
+    def evaluate(self, progress: bool = False, observer=None, stream: Stream | None = None):
+        from .evaluate import evaluate
+
+        return evaluate(self.method, stream or self.stream, self.protocol, progress=progress, observer=observer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.method.close()
+
+
+def build_cell(cell: Cell, lm, streams: StreamCache | None = None, *, progress: bool = False,
+               data: PrepareData | None = None, load_stream: bool = True) -> PreparedCell:
+    """Make the cell's method (seeded from the cell), prepare it with its ledger off (prepare is
+    reported as time, not per-token flops), and load the evaluated stream. `data`: another source
+    for prepare (the checks audit what it serves); `load_stream=False`: prepare only."""
+    import torch
+
+    from .flops import Ledger
+
+    streams = streams or StreamCache()
+    protocol = resolve_protocol(cell.protocol, lm)
+    stream = streams.get(lm, cell.task, cell.task["split"], cell.limits) if load_stream else None
+    if stream is not None and stream.n_tokens == 0:
+        raise TTABenchError(f"task {cell.task['name']} {cell.task['split']} has no tokens after limits; raise the limits")
+    cls = method_class(cell.method["name"])
+    params, errs = cls.make_params(cell.method["params"])
+    if errs:
+        raise TTABenchError(errs[0])
+    seed_everything(cell.seed)
+    lm.ledger = Ledger(lm.fingerprint)
+    method = cls(lm, params, seed=cell.seed, protocol=protocol)
+    data = data or prepare_data(cell, lm, streams, progress)
+    lm.ledger.enabled = False
+    t0 = time.perf_counter()
+    try:
+        method.prepare(data)
+        if lm.device.type == "cuda":
+            torch.cuda.synchronize(lm.device)
+    except BaseException:
+        method.close()
+        raise
+    finally:
+        lm.ledger.enabled = True
+    return PreparedCell(cell, lm, protocol, method, params, data, stream, time.perf_counter() - t0)

@@ -1,0 +1,278 @@
+"""What `prepare` receives (SPEC 2: never the evaluated split), and the one cache for prepared state.
+
+- `PrepareData.load(limit_tokens)`: the non-evaluated split, tokenized.
+- `PrepareData.features(stream, protocol)`: the base model's final hidden states and the input of its
+  last feed-forward layer at every position of the stream, read the way the protocol reads text. One
+  pass per (model, task split, protocol) serves every method and cell: it is cached on disk in parts
+  of whole documents, and a longer request extends it (a pass cut short resumes at its last part).
+- `PrepareData.segments(stream, protocol)`: the stream's segments, targets attached (gradient statistics).
+- `PrepareData.cached(kind, stream, params, build)`: a folder of prepared state (a trained block, an
+  index, statistics) keyed by model fingerprint, prepare-data fingerprint and the parameters prepare
+  depends on; built in a temporary folder and renamed, so it is whole or absent. Hits and misses are
+  recorded in `PrepareData.events` (the cell record keeps them; `run` reports them).
+"""
+from __future__ import annotations
+
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .data import Stream, cache_dir
+from .errors import TTABenchError
+
+FEATURES = ("hidden", "ffn_input")
+PART_TOKENS = 32768  # the pass writes a part (whole documents) at least this often
+BATCH = 8  # consecutive inputs of one shape and document per forward
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class PrepareData:
+    """The split `prepare` may use, and the harness's services over it (see the module docstring)."""
+
+    split: str | None
+    load: Callable[..., Stream]  # load(limit_tokens=None, limit_docs=None) -> Stream
+    lm: object = None
+    source: str = ""  # names the task and its parameters: features are cached per source and split
+    progress: bool = False
+    log: Callable[[str], None] = _log
+    root: Path | None = None  # the cache (default cache_dir())
+    events: list = field(default_factory=list)
+
+    @property
+    def cache_root(self) -> Path:
+        return self.root or cache_dir()
+
+    def segments(self, stream: Stream, protocol):
+        """The stream's segments under `protocol`, ids and targets on the model's device."""
+        from .evaluate import segments
+
+        for seg, targets, _ in segments(stream, protocol, self.lm.start_id):
+            seg.ids, seg.targets = seg.ids.to(self.lm.device), targets.to(self.lm.device)
+            yield seg
+
+    def cached(self, kind: str, stream: Stream | None, params: dict, build: Callable[[Path], dict | None]) -> Path:
+        """The folder of prepared state `kind` for this model, data and params; `build(folder)` fills a
+        new one (returning info to keep in its meta.json) when there is none."""
+        lm = self.lm
+        key = {"kind": kind, "model": lm.fingerprint, "dtype": str(lm.dtype), "params": params,
+               "data": None if stream is None else [stream.task, stream.split, stream.fingerprint, stream.n_tokens]}
+        folder = self.cache_root / "prepared" / kind / digest(key)
+        if (folder / "meta.json").is_file():
+            self.events.append({"kind": kind, "hit": True, "folder": str(folder)})
+            return folder
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        t0 = time.perf_counter()
+        try:
+            info = build(tmp) or {}
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        seconds = time.perf_counter() - t0
+        meta = {"key": key, "info": info, "seconds": seconds,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished the same state first
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.events.append({"kind": kind, "hit": False, "seconds": seconds, "folder": str(folder)})
+        return folder
+
+    def features(self, stream: Stream, protocol, tail: str = "protocol") -> list[dict]:
+        """Per document of `stream`, {name: (len(doc), d) float32 CPU tensor} for the names in FEATURES
+        the model has; row p is the position that predicts the document's token p.
+
+        tail "protocol": every segment as the protocol reads it (a short last segment is left-filled
+        with earlier tokens). tail "short" (context_len 1, reset document only): non-overlapping
+        windows of segment_len from each document's start, the last one holding only its own tokens,
+        so a document's features do not depend on how long the document is."""
+        import torch
+
+        if tail not in ("protocol", "short"):
+            raise TTABenchError(f"features: tail must be protocol or short, got {tail!r}")
+        if tail == "short" and (protocol.context_len != 1 or protocol.reset != "document"):
+            raise TTABenchError("features: tail 'short' needs context_len 1 and reset document")
+        complete = len(stream.docs) - int(stream.cut)
+        t0 = time.perf_counter()
+        store = FeatureStore(self, protocol)
+        computed, edges = store.extend(stream, complete), 0
+        out = store.read(stream, complete)
+        if tail == "short":  # each document's partial last window, from its own tokens only
+            S = protocol.segment_len
+            for d in range(complete):
+                n = len(stream.docs[d].ids)
+                if n > S and n % S:
+                    tail_rows = compute(self.lm, stream, protocol, range(d, d + 1), "short", only_tail=True)[0]
+                    for k, v in tail_rows.items():
+                        out[d][k][n - n % S:] = v
+                    edges += n % S
+        if stream.cut:  # the cut document: its last segment differs from the same document's uncut
+            out.append(compute(self.lm, stream, protocol, range(complete, len(stream.docs)), tail)[0])
+            edges += len(stream.docs[-1].ids)
+        # a hit: the shared pass had every document; edge tokens (a cut document, short tails) are recomputed
+        self.events.append({"kind": "features", "hit": computed == 0, "pass_tokens": computed, "edge_tokens": edges,
+                            "tokens": stream.n_tokens, "seconds": time.perf_counter() - t0, "folder": str(store.folder)})
+        return [{k: torch.from_numpy(v) for k, v in doc.items()} for doc in out]
+
+
+def compute(lm, stream: Stream, protocol, docs: range, tail: str, only_tail: bool = False, bar=None) -> list[dict]:
+    """Features of documents `docs` of the stream (see PrepareData.features), BATCH inputs per forward."""
+    import torch
+
+    from .evaluate import segments
+
+    try:
+        lm.last_ffn()
+        names = FEATURES
+    except TTABenchError:  # no feed-forward layer found: hidden states only
+        names = FEATURES[:1]
+    out = {d: {k: np.empty((len(stream.docs[d].ids), lm.hidden_size), np.float32) for k in names} for d in docs}
+    S = protocol.segment_len
+
+    def run(group):
+        ids = torch.cat([s.ids for s, _ in group]).to(lm.device)
+        with torch.no_grad():
+            h, f = lm.hidden_and_ffn_input(ids) if len(names) == 2 else (lm.hidden(ids), None)
+        n = group[0][0].n
+        for i, (seg, _) in enumerate(group):
+            rows = slice(seg.start, seg.start + seg.n)
+            out[seg.doc]["hidden"][rows] = h[i, -n:].float().cpu().numpy()
+            if f is not None:
+                out[seg.doc]["ffn_input"][rows] = f[i, -n:].float().cpu().numpy()
+        if bar is not None:
+            bar.update(n * len(group))
+
+    group = []
+    for seg, _, _ in segments(stream, protocol, lm.start_id):
+        if seg.doc < docs.start:
+            continue
+        if seg.doc >= docs.stop:
+            break
+        last = seg.start + seg.n == len(stream.docs[seg.doc].ids)
+        if tail == "short" and last and seg.n < S:
+            seg.ids = seg.ids[:, -seg.n:]  # the window's own tokens only
+        if only_tail and not (last and seg.n < S):
+            continue
+        if group and (len(group) == BATCH or group[0][0].doc != seg.doc or group[0][0].ids.shape != seg.ids.shape
+                      or group[0][0].n != seg.n):
+            run(group)
+            group = []
+        group.append((seg, None))
+    if group:
+        run(group)
+    if only_tail:
+        return [{k: v[len(v) - len(v) % S:] for k, v in out[d].items()} for d in docs]
+    return [out[d] for d in docs]
+
+
+def _doc_hash(ids) -> str:
+    return hashlib.sha1(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+class FeatureStore:
+    """The cached pass of one (model, task split, protocol): index.json lists each part's documents
+    and every document's hash; parts are .npy files of whole documents, each written atomically."""
+
+    def __init__(self, data: PrepareData, protocol):
+        lm = data.lm
+        self.data, self.lm, self.protocol = data, lm, protocol
+        self.key = {"model": lm.fingerprint, "dtype": str(lm.dtype), "source": data.source, "split": data.split,
+                    "protocol": [protocol.segment_len, protocol.context_len, protocol.reset], "version": 1}
+        self.folder = data.cache_root / "features" / f"{lm.name.replace('/', '_')}-{data.split}-{digest(self.key)}"
+
+    @contextmanager
+    def _locked(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # one process extends the pass at a time
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _index(self) -> dict:
+        path = self.folder / "index.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        return {"key": self.key, "docs": [], "parts": []}
+
+    def _write_index(self, index: dict) -> None:
+        tmp = self.folder / f".index.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, self.folder / "index.json")
+
+    def extend(self, stream: Stream, complete: int) -> int:
+        """Compute the documents [0, complete) the pass lacks; returns the number of tokens computed."""
+        with self._locked():
+            index = self._index()
+            hashes = [_doc_hash(d.ids) for d in stream.docs[:complete]]
+            known = index["docs"]
+            if known[:min(len(known), complete)] != hashes[:len(known)]:
+                self.data.log(f"features in {self.folder} were computed from other text; computing them again")
+                for f in self.folder.glob("part-*"):
+                    f.unlink()
+                index = {"key": self.key, "docs": [], "parts": []}
+            done = len(index["docs"])
+            todo = sum(len(d.ids) for d in stream.docs[done:complete])
+            if done >= complete:
+                return 0
+            bar = None
+            if self.data.progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=todo, unit="tok", desc=f"base features {stream.task}:{stream.split}", mininterval=2.0, leave=False)
+            d0 = done
+            while d0 < complete:
+                d1, n = d0, 0
+                while d1 < complete and (n < PART_TOKENS or d1 == d0):
+                    n, d1 = n + len(stream.docs[d1].ids), d1 + 1
+                docs = compute(self.lm, stream, self.protocol, range(d0, d1), "protocol", bar=bar)
+                part = {"docs": [d0, d1], "file": f"part-{d0:07d}-{d1:07d}", "names": sorted(docs[0])}
+                for name in part["names"]:
+                    tmp = self.folder / f".{part['file']}-{name}.tmp{os.getpid()}.npy"
+                    np.save(tmp, np.concatenate([doc[name] for doc in docs]))
+                    os.replace(tmp, self.folder / f"{part['file']}-{name}.npy")
+                index["parts"].append(part)
+                index["docs"] += hashes[d0:d1]
+                self._write_index(index)
+                d0 = d1
+            if bar is not None:
+                bar.close()
+            return todo
+
+    def read(self, stream: Stream, complete: int) -> list[dict]:
+        """Features of documents [0, complete), as float32 arrays in memory."""
+        index = self._index()
+        out = []
+        for part in index["parts"]:
+            d0, d1 = part["docs"]
+            if d0 >= complete:
+                break
+            arrays = {name: np.load(self.folder / f"{part['file']}-{name}.npy", mmap_mode="r") for name in part["names"]}
+            offset = 0
+            for d in range(d0, min(d1, complete)):
+                n = len(stream.docs[d].ids)
+                out.append({k: np.array(v[offset:offset + n]) for k, v in arrays.items()})
+                offset += n
+        return out

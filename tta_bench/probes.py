@@ -1,0 +1,249 @@
+"""What the validity checks (SPEC 6) look at a method with: what prepare opened and loaded, the
+evaluated split as the checks cut it, perturbed copies of a stream, random states, and snapshots of
+the shared model.
+
+- `opened_files()`: every file this process opens inside a block (Python's audit hook sees open()).
+- `CheckData`: the task as the checks see it: the prepare loader (recording what it served) and
+  the evaluated split, read only when asked for.
+- `perturbed(stream, t)`: every token from position t on replaced by another one.
+- `shared_runs(loaded, evaluated, k)`: how much of what prepare loaded shares k-token runs with the
+  evaluated stream.
+- `Snapshot(model)`: the shared model's weights and flags, to see (and undo) what a method left behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+from contextlib import contextmanager
+
+from .errors import TTABenchError
+
+
+_OPENED: list | None = None
+_HOOKED = False
+
+
+def _audit(event, args):
+    if _OPENED is not None and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append(os.path.abspath(os.fsdecode(args[0])))
+
+
+@contextmanager
+def opened_files():
+    """Record the path of every file this process opens inside the block (audit hooks cannot be
+    removed, so one is installed once and idles outside the block)."""
+    global _OPENED, _HOOKED
+    if not _HOOKED:
+        sys.addaudithook(_audit)
+        _HOOKED = True
+    outer, _OPENED = _OPENED, []
+    seen = _OPENED
+    try:
+        yield seen
+    finally:
+        if outer is not None:
+            outer.extend(seen)
+        _OPENED = outer
+
+
+def real_paths(paths) -> set[str]:
+    return {os.path.realpath(p) for p in paths}
+
+
+# -- data ---------------------------------------------------------------------------------------
+class CheckData:
+    """The task as the checks see it: the prepare loader (recording what it served) and the
+    evaluated split, read only when asked for."""
+
+    def __init__(self, lm, task: dict, limits: dict | None = None):
+        from .registry import get
+
+        self.lm, self.entry, self.limits = lm, task, limits or {}
+        self.split, self.prep = task["split"], task.get("prepare_split")
+        self.task_cls = get("task", task["name"])
+        self.loads: list = []  # every stream PrepareData.load returned
+        self._prep_docs = None
+
+    def _task(self):
+        return self.task_cls(**self.entry["params"])  # a fresh object: no cached documents
+
+    def evaluated_files(self) -> set[str]:
+        """Files the task opens to read the evaluated split but not to read the prepare split."""
+        with opened_files() as ev:
+            self._task().documents(self.split)
+        prep = []
+        if self.prep is not None:
+            with opened_files() as prep:
+                self._task().documents(self.prep)
+        code = (".py", ".pyc", ".so")  # a module imported on the first read is not data
+        return {p for p in real_paths(ev) - real_paths(prep) if os.path.isfile(p) and not p.endswith(code)}
+
+    def load_prepare(self, limit_tokens=None, limit_docs=None):
+        """PrepareData.load, as the runner serves it: the prepare split only."""
+        from .data import tokenize
+
+        if self.prep is None:
+            raise TTABenchError(f"the method needs a prepare split but task {self.entry['name']} has none besides"
+                                f" '{self.split}'; set `prepare_split` or provide the data")
+        if self.prep == self.split:
+            raise TTABenchError("prepare may not see the evaluated split (SPEC 2)")
+        if self._prep_docs is None:
+            self._prep_docs = self._task().documents(self.prep)
+        stream = tokenize(self._prep_docs, self.lm.tokenizer, self.entry["name"], self.prep, limit_docs, limit_tokens)
+        self.loads.append(stream)
+        return stream
+
+    def prepare_data(self):
+        from .prepared import PrepareData
+
+        return PrepareData(self.prep, self.load_prepare, self.lm,
+                           f"{self.entry['name']}:{json.dumps(self.entry['params'], sort_keys=True)}")
+
+    def evaluated_stream(self):
+        """The evaluated split as the cell sees it (the cell's limits)."""
+        from .data import tokenize
+
+        return tokenize(self._task().documents(self.split), self.lm.tokenizer, self.entry["name"], self.split,
+                        self.limits.get("docs"), self.limits.get("tokens"))
+
+    def check_stream(self, lengths):
+        """The first documents of the evaluated split long enough for `lengths`, each cut to it."""
+        from .data import Stream, TokenizedDoc, tokenize
+
+        docs, found = [], []
+        for doc in self._task().documents(self.split):
+            if len(docs) == len(lengths):
+                break
+            ids = tokenize([doc], self.lm.tokenizer, "", "").docs
+            n = len(ids[0].ids) if ids else 0
+            found.append(n)
+            if n >= lengths[len(docs)]:
+                docs.append(TokenizedDoc(doc.title, ids[0].ids[: lengths[len(docs)]], 0, 0))
+        if len(docs) < len(lengths):
+            raise TTABenchError(
+                f"the checks need {len(lengths)} documents of at least {', '.join(map(str, lengths))} tokens in"
+                f" {self.entry['name']}:{self.split}, found lengths {found[:10]}; use a task with longer documents")
+        return Stream(self.entry["name"], self.split, docs, "check")
+
+
+def perturbed(stream, t: int, vocab_size: int, seed: int = 0):
+    """The stream with every token from flat position t on replaced by a different random token."""
+    import torch
+
+    from .data import Stream
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + t)
+    docs, offset = [], 0
+    for d in stream.docs:
+        ids = list(d.ids)
+        a = max(0, t - offset)
+        if a < len(ids):
+            old = torch.tensor(ids[a:])
+            shift = torch.randint(1, vocab_size, (len(old),), generator=g)
+            ids[a:] = ((old + shift) % vocab_size).tolist()
+        docs.append(dataclasses.replace(d, ids=ids))
+        offset += len(d.ids)
+    return Stream(stream.task, stream.split, docs, f"{stream.fingerprint}+perturbed@{t}")
+
+
+def shared_runs(loaded, evaluated, k: int) -> tuple[int, int]:
+    """(tokens of `loaded` inside a run of k tokens that also occurs in `evaluated`, tokens of `loaded`)."""
+    import numpy as np
+
+    powers = np.uint64(1_000_003) ** np.arange(k, dtype=np.uint64)  # wraps mod 2^64: a rolling hash
+
+    def grams(ids):
+        a = np.asarray(ids, dtype=np.uint64)
+        if len(a) < k:
+            return np.zeros(0, dtype=np.uint64)
+        return (np.lib.stride_tricks.sliding_window_view(a, k) * powers).sum(1)
+
+    ev = np.unique(np.concatenate([grams(d.ids) for d in evaluated.docs] or [np.zeros(0, np.uint64)]))
+    shared = total = 0
+    for d in loaded.docs:
+        total += len(d.ids)
+        hit = np.isin(grams(d.ids), ev).astype(np.int64)
+        if hit.any():  # a hit at i covers tokens i .. i+k-1
+            shared += int((np.convolve(hit, np.ones(k, dtype=np.int64))[: len(d.ids)] > 0).sum())
+    return shared, total
+
+
+def rng_state():
+    import numpy as np
+    import torch
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def set_rng(state):
+    import numpy as np
+    import torch
+
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
+    if state[3] is not None:
+        torch.cuda.set_rng_state_all(state[3])
+
+
+def max_change(a, b):
+    """Per row, the largest |a - b| over the vocabulary (equal infinities count as no change, NaN as infinite)."""
+    import torch
+
+    d = (a - b).abs()
+    d = torch.where(a == b, torch.zeros_like(d), d)
+    return torch.nan_to_num(d, nan=math.inf).max(-1).values
+
+
+class Snapshot:
+    """The shared model's weights and requires_grad flags, to see (and undo) what a method left behind."""
+
+    def __init__(self, model):
+        self.model = model
+        self.values = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+        self.flags = {k: p.requires_grad for k, p in model.named_parameters()}
+
+    def problems_and_restore(self) -> list[str]:
+        import torch
+
+        out = []
+        state = self.model.state_dict(keep_vars=True)
+        changed = []
+        for k, v in self.values.items():
+            now = state[k].detach()
+            if now.shape != v.shape or not torch.equal(now, v):
+                size = (now.double() - v.double()).abs().max().item() if now.shape == v.shape else math.inf
+                changed.append((k, size))
+                with torch.no_grad():
+                    if now.shape == v.shape:
+                        state[k].data.copy_(v)
+                    else:
+                        state[k].data = v.clone()
+        if changed:
+            k, size = max(changed, key=lambda c: c[1])
+            out.append(f"after close() {len(changed)} of the shared model's {len(self.values)} tensors differ from"
+                       f" before the method ran (largest change {size:.3g}, in {k}); restore the weights in close()")
+        flips = [k for k, p in self.model.named_parameters() if p.requires_grad != self.flags[k]]
+        for k, p in self.model.named_parameters():
+            p.requires_grad_(self.flags[k])
+        if flips:
+            out.append(f"after close() requires_grad of {len(flips)} parameters differs from before (e.g. {flips[0]});"
+                       " give the flags back in close()")
+        return out
+
+
+def jsonable(v):
+    try:
+        json.dumps(v)
+        return v
+    except TypeError:
+        if isinstance(v, dict):
+            return {str(k): jsonable(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [jsonable(x) for x in v]
+        return repr(v)
