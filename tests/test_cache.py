@@ -4,7 +4,8 @@ import torch
 
 from tta_bench.data import Document, tokenize
 from tta_bench.evaluate import Protocol, evaluate
-from tta_bench.method import PrepareData, method_class
+from tta_bench.method import method_class
+from tta_bench.prepared import PrepareData
 from tests.conftest import SAMPLE
 
 
@@ -20,7 +21,7 @@ def _method(lm, name, protocol, prep_stream=None, **params):
     p, errs = cls.make_params(params)
     assert not errs, errs
     m = cls(lm, p, seed=0, protocol=protocol)
-    m.prepare(PrepareData("train", lambda limit_tokens=None, limit_docs=None: prep_stream))
+    m.prepare(PrepareData("train", lambda limit_tokens=None, limit_docs=None: prep_stream, lm))
     return m
 
 

@@ -68,7 +68,7 @@ def _check_stream(lm):
 
 def _rows(lm, method, params, stream, reset):
     """All log-probabilities (N, V) a fresh, prepared instance gives the stream."""
-    from tta_bench.runner import seed_everything
+    from tta_bench.cells import seed_everything
 
     seed_everything(0)
     cls = method_class(method)

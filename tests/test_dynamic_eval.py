@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from tta_bench.data import Document, tokenize
-from tta_bench.dyneval import select_parameters
+from tta_bench_methods.dynamic_eval.update import select_parameters
 from tta_bench.errors import TTABenchError
 from tta_bench.evaluate import Protocol, evaluate
 from tta_bench.flops import Ledger
-from tta_bench.method import PrepareData, method_class
+from tta_bench.method import method_class
+from tta_bench.prepared import PrepareData
 from tta_bench.models import load_model
 from tta_bench.registry import discover
 
@@ -138,7 +139,7 @@ def test_rms_equals_hand_written_step(lm, decay):
     lr, eps, n_stat = 3e-3, 1e-5, 3
     method = make(lm, protocol, variant="rms", lr=lr, decay=decay, eps=eps, n_stat_segments=n_stat)
     method.prepare(PrepareData("train", lambda limit_tokens=None, limit_docs=None: tokenize(
-        [Document("p", PREP_TEXT)], lm.tokenizer, "t", "train", limit_docs, limit_tokens)))
+        [Document("p", PREP_TEXT)], lm.tokenizer, "t", "train", limit_docs, limit_tokens), lm))
     got = run(method, stream, protocol)
 
     params = list(naive.parameters())
@@ -232,17 +233,17 @@ def test_flops(lm):
         numel = sum(p.numel() for _, p in select_parameters(lm.model, select))
         # plain SGD is one multiply-add per adapted weight; the pull toward W0 adds a sub and a multiply-add
         assert f["adapt.update"] == len(shapes) * numel * (3 if decay else 1)
-    full, memory = runs["all", 0.0, True], runs["all", 0.0, False]
+    full, kv = runs["all", 0.0, True], runs["all", 0.0, False]
     # every matmul's backward is two matmuls of its size (input and weight gradients)
     assert full["adapt.backward"] == pytest.approx(2 * (full["forward.body"] + full["forward.head"]), rel=1e-9)
     assert 0 < runs["last 1", 0.0, True]["adapt.backward"] < full["adapt.backward"]  # stops at the last block
-    assert 0 < memory["adapt.backward"] < full["adapt.backward"]  # stops at the context
-    # With the context as a memory, the context's queries never meet the segment's keys: the attention
+    assert 0 < kv["adapt.backward"] < full["adapt.backward"]  # stops at the context
+    # With the context as a fixed KV cache, the context's queries never meet the segment's keys: the attention
     # counted (full matrices, fvcore's convention) drops from L*L to (L-n)^2 + n*L per layer and head.
     heads, d = TINY_CONFIG["num_attention_heads"], TINY_CONFIG["hidden_size"] // TINY_CONFIG["num_attention_heads"]
     saved = sum(TINY_CONFIG["num_hidden_layers"] * heads * n * (L - n) * 2 * d for L, n in shapes)
-    assert saved > 0 and full["forward.body"] - memory["forward.body"] == saved
-    assert full["forward.head"] == memory["forward.head"]
+    assert saved > 0 and full["forward.body"] - kv["forward.body"] == saved
+    assert full["forward.head"] == kv["forward.head"]
 
 
 def test_parameter_selection(lm):

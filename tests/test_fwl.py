@@ -3,13 +3,14 @@ second-order meta-gradients, meta-learning on a synthetic recall task, checkpoin
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tta_bench.fwl import (FAST, FWBlock, FWLConfig, FWStream, TrainConfig, commit_pass, load_checkpoint,
-                           save_checkpoint, score_pass, train_or_load)
+from tta_bench_methods.fwl.block import FAST, FWBlock, FWLConfig, FWStream, commit_pass, score_pass
+from tta_bench_methods.fwl.train import TrainConfig, load_checkpoint, save_checkpoint
 
 D, M, V, T = 6, 5, 11, 13
 
@@ -214,7 +215,8 @@ def test_meta_learned_fwl_solves_recall_that_frozen_step_sizes_cannot():
 from tta_bench.data import Document, tokenize  # noqa: E402
 from tta_bench.evaluate import Protocol, evaluate, segments  # noqa: E402
 from tta_bench.flops import Ledger  # noqa: E402
-from tta_bench.method import PrepareData, method_class  # noqa: E402
+from tta_bench.method import method_class  # noqa: E402
+from tta_bench.prepared import PrepareData  # noqa: E402
 from tta_bench.registry import discover  # noqa: E402
 
 TEXT = ["Fast weights remember: the zebra ate the kiwi, and later the zebra ate the kiwi again. " * 2,
@@ -227,7 +229,7 @@ def stream_of(lm, texts, split="test"):
 
 
 def make(lm, name="fwl", protocol=None, **values):
-    from tta_bench_methods.fwl import QUICK
+    from tta_bench_methods.fwl.method import QUICK
 
     discover()
     cls = method_class(name)
@@ -235,8 +237,10 @@ def make(lm, name="fwl", protocol=None, **values):
     assert not errs, errs
     lm.ledger = Ledger(lm.fingerprint)
     method = cls(lm, params, protocol=protocol)
-    method.prepare(PrepareData("train", lambda limit_tokens=None, limit_docs=None:
-                               tokenize([Document("p", t) for t in PREP], lm.tokenizer, "t", "train", limit_docs, limit_tokens)))
+    data = PrepareData("train", lambda limit_tokens=None, limit_docs=None:
+                       tokenize([Document("p", t) for t in PREP], lm.tokenizer, "t", "train", limit_docs, limit_tokens), lm)
+    method.prepare(data)
+    method._events = data.events  # what prepare found in the cache and what it built
     return method
 
 
@@ -247,11 +251,11 @@ def run(method, stream, protocol):
 
 
 @torch.no_grad()
-def test_document_memory_equals_one_pass_over_each_document(tiny_lm):
+def test_document_fast_state_equals_one_pass_over_each_document(tiny_lm):
     """Streaming with the state carried across segments (context_len 8: context positions must not be
     counted twice) equals one forward of the block over each document's scored positions."""
     protocol = Protocol(16, 8, "document")
-    method = make(tiny_lm, protocol=protocol, memory="document")
+    method = make(tiny_lm, protocol=protocol, fast_state="document")
     stream = stream_of(tiny_lm, TEXT)
     seen = run(method, stream, protocol)
     block = method.block
@@ -269,9 +273,9 @@ def test_document_memory_equals_one_pass_over_each_document(tiny_lm):
 
 
 @torch.no_grad()
-def test_window_memory_equals_explicit_sgd_step_on_the_window(tiny_lm):
+def test_window_fast_state_equals_explicit_sgd_step_on_the_window(tiny_lm):
     protocol = Protocol(16, 8, "document")
-    method = make(tiny_lm, protocol=protocol, memory="window")
+    method = make(tiny_lm, protocol=protocol, fast_state="window")
     stream = stream_of(tiny_lm, TEXT[:1])
     seen = run(method, stream, protocol)
     block = copy.deepcopy(method.block).double().requires_grad_(True)
@@ -286,9 +290,9 @@ def test_window_memory_equals_explicit_sgd_step_on_the_window(tiny_lm):
 
 
 @torch.no_grad()
-def test_document_memory_is_causal_and_resets(tiny_lm):
+def test_document_fast_state_is_causal_and_resets(tiny_lm):
     protocol = Protocol(16, 8, "document")
-    method = make(tiny_lm, protocol=protocol, memory="document")
+    method = make(tiny_lm, protocol=protocol, fast_state="document")
     base = run(method, stream_of(tiny_lm, TEXT), protocol)
     ids = stream_of(tiny_lm, TEXT).docs[0].ids
     t = 37  # inside the third segment
@@ -304,26 +308,31 @@ def test_document_memory_is_causal_and_resets(tiny_lm):
     assert (torch.cat([lp for d, lp in pert if d == 1]) - torch.cat([lp for _, lp in alone])).abs().max() < 1e-5
 
 
-# -- checkpoints and the train-fwl command ---------------------------------------------------------
-def test_checkpoint_round_trip_and_cache(tiny_lm, tmp_path, monkeypatch):
-    import tta_bench.fwl as fwl
+# -- checkpoints and the harness's cache of prepared state -------------------------------------------
+def test_trained_block_is_cached_and_found_again(tiny_lm, tmp_path, monkeypatch):
+    """prepare trains once: the checkpoint lands in the harness's cache (keyed by model, data and the
+    training settings), round-trips exactly, and a second method with the same settings loads it."""
+    import tta_bench_methods.fwl.method as fwl_method
 
     monkeypatch.setenv("TTA_BENCH_CACHE", str(tmp_path / "cache"))
-    tc = TrainConfig(size=8, train_tokens=300, val_tokens=60, train_window=32, train_seq_len=64, train_steps=3, eval_every=0)
-    stream = tokenize([Document("p", t) for t in PREP], tiny_lm.tokenizer, "t", "train", limit_tokens=tc.train_tokens)
-    block, base, info, path = train_or_load(tiny_lm, tc, stream, progress=False, log=None)
-    assert path.is_file() and path.parent == tmp_path / "cache" / "fwl" and tiny_lm.fingerprint in path.name
-    assert info["train_seconds"] > 0 and info["history"] and info["train"]["train_steps"] == 3
+    first = make(tiny_lm, train_steps=3, eval_every=2)
+    event = next(e for e in first._events if e["kind"] == "fwl-block")
+    folder = Path(event["folder"])
+    assert not event["hit"] and folder.parent == tmp_path / "cache" / "prepared" / "fwl-block"
+    assert first.info["train_seconds"] > 0 and first.info["history"] and first.info["train"]["train_steps"] == 3
     x = torch.randn(1, 9, tiny_lm.hidden_size)
     y = torch.randint(0, tiny_lm.vocab_size, (1, 9))
     base_logits = torch.randn(1, 9, tiny_lm.vocab_size)
-    loaded, _, info2 = load_checkpoint(path)
-    assert torch.equal(loaded(x, y, base_logits)[0], block(x, y, base_logits)[0]) and info2 == info
-    # a second call finds the checkpoint instead of training; another setting has another key
-    monkeypatch.setattr(fwl, "train_block", lambda *a, **k: pytest.fail("retrained a cached block"))
-    again, _, _, path2 = train_or_load(tiny_lm, tc, stream, progress=False, log=None)
-    assert path2 == path and torch.equal(again.unembed.weight, block.unembed.weight)
-    assert fwl.checkpoint_path(tiny_lm, TrainConfig(**{**fwl.train_fields(tc), "lr": 2e-3}), stream) != path
+    loaded, _, info = load_checkpoint(folder / "block.safetensors")
+    assert torch.equal(loaded(x, y, base_logits)[0], first.block(x, y, base_logits)[0]) and info == first.info
+    monkeypatch.setattr(fwl_method, "train_block", lambda *a, **k: pytest.fail("retrained a cached block"))
+    again = make(tiny_lm, train_steps=3, eval_every=2)
+    assert [e["hit"] for e in again._events if e["kind"] == "fwl-block"] == [True]
+    assert torch.equal(again.block.unembed.weight, first.block.unembed.weight)
+    monkeypatch.undo()
+    monkeypatch.setenv("TTA_BENCH_CACHE", str(tmp_path / "cache"))
+    other = make(tiny_lm, train_steps=3, eval_every=2, lr=2e-3)  # another setting: another folder
+    assert next(e for e in other._events if e["kind"] == "fwl-block")["folder"] != str(folder)
 
 
 def test_checkpoint_of_another_model_is_refused(tiny_lm, tmp_path):
@@ -338,37 +347,6 @@ def test_checkpoint_of_another_model_is_refused(tiny_lm, tmp_path):
         load_checkpoint(tmp_path / "c.safetensors")
     with pytest.raises(TTABenchError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.safetensors")
-
-
-def test_train_fwl_command_makes_the_checkpoint_the_method_loads(tmp_path, corpus, monkeypatch):
-    import tta_bench.fwl as fwl
-    from tests.conftest import cli
-    from tta_bench.models import load_model
-
-    cache = tmp_path / "cache"
-    sets = ["size=8", "train_tokens=400", "val_tokens=80", "train_window=32", "train_seq_len=64", "train_steps=3", "eval_every=2"]
-    args = ["train-fwl", "--model", "tiny", "--task", "text", "--task-param", f"splits={{train: {corpus['train']}}}",
-            "--split", "train", "--no-progress", "--out", str(tmp_path / "copy.safetensors")]
-    res = cli(*args, *[a for s in sets for a in ("--set", s)], env={"TTA_BENCH_CACHE": str(cache)})
-    assert res.returncode == 0, res.stderr
-    assert "trained" in res.stdout and "validation nll" in res.stdout and (tmp_path / "copy.safetensors").is_file()
-    bad = cli(*args, "--set", "train_stepz=3", env={"TTA_BENCH_CACHE": str(cache)})
-    assert bad.returncode == 2 and "did you mean 'train_steps'" in bad.stderr
-    # the method, given the same split and settings, loads that checkpoint instead of training
-    monkeypatch.setenv("TTA_BENCH_CACHE", str(cache))
-    monkeypatch.setattr(fwl, "train_block", lambda *a, **k: pytest.fail("the method retrained"))
-    lm = load_model("tiny", device="cpu")
-    discover()
-    cls = method_class("fwl")
-    params, errs = cls.make_params({k: int(v) for k, v in (s.split("=") for s in sets)})
-    assert not errs
-    from tta_bench.registry import get
-
-    task = get("task", "text")(splits={"train": corpus["train"]})
-    method = cls(lm, params)
-    method.prepare(PrepareData("train", lambda limit_tokens=None, limit_docs=None:
-                               tokenize(task.documents("train"), lm.tokenizer, "text", "train", limit_docs, limit_tokens)))
-    assert method.block is not None and method.info["train"]["train_steps"] == 3
 
 
 # -- FLOPs ------------------------------------------------------------------------------------------
@@ -399,7 +377,7 @@ def test_fvcore_breakdown_matches_closed_form():
 
 def test_method_records_fwl_flops(tiny_lm):
     protocol = Protocol(16, 8, "document")
-    method = make(tiny_lm, protocol=protocol, memory="document")
+    method = make(tiny_lm, protocol=protocol, fast_state="document")
     run(method, stream_of(tiny_lm, TEXT[:1]), protocol)
     flops = tiny_lm.ledger.resolve()["flops"]
     assert flops["forward.fwl.score"] > 0 and flops["forward.fwl.commit"] > 0 and flops["forward.head"] > 0
@@ -407,11 +385,11 @@ def test_method_records_fwl_flops(tiny_lm):
 
 # -- FWL + dynamic evaluation ----------------------------------------------------------------------
 def test_fwl_dynamic_eval_equals_naive_sgd_loop(tiny_lm):
-    """memory=window, SGD over the block's weights: three segments equal an explicit loop with
+    """fast_state=window, SGD over the block's weights: three segments equal an explicit loop with
     torch.optim.SGD on each scored segment's mean NLL."""
     protocol = Protocol(16, 8, "document")
     lr = 0.05
-    method = make(tiny_lm, "fwl-dynamic-eval", protocol=protocol, memory="window", dyn_lr=lr)
+    method = make(tiny_lm, "fwl-dynamic-eval", protocol=protocol, fast_state="window", dyn_lr=lr)
     start = copy.deepcopy(method.block)
     stream = stream_of(tiny_lm, TEXT[:1])
     seen = run(method, stream, protocol)
@@ -427,7 +405,7 @@ def test_fwl_dynamic_eval_equals_naive_sgd_loop(tiny_lm):
         opt.zero_grad()
         F.nll_loss(logprobs, targets).backward()
         opt.step()
-    assert (seen[2][1] - run(make(tiny_lm, protocol=protocol, memory="window"), stream, protocol)[2][1]).abs().max() > 1e-4
+    assert (seen[2][1] - run(make(tiny_lm, protocol=protocol, fast_state="window"), stream, protocol)[2][1]).abs().max() > 1e-4
 
 
 def test_fwl_dynamic_eval_over_all_weights_gives_the_model_back():
@@ -436,7 +414,7 @@ def test_fwl_dynamic_eval_over_all_weights_gives_the_model_back():
     lm = load_model("tiny", device="cpu")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     protocol = Protocol(16, 8, "document")
-    method = make(lm, "fwl-dynamic-eval", protocol=protocol, dyn_params="all", dyn_lr=0.01, memory="document")
+    method = make(lm, "fwl-dynamic-eval", protocol=protocol, dyn_params="all", dyn_lr=0.01, fast_state="document")
     run(method, stream_of(lm, TEXT[:1]), protocol)
     assert any(not torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())  # it adapted the base
     flops = lm.ledger.resolve()["flops"]
@@ -453,7 +431,7 @@ def test_top_blocks_are_fine_tuned_in_a_private_copy():
     lm = load_model("tiny", device="cpu")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     protocol = Protocol(16, 8, "document")
-    method = make(lm, protocol=protocol, top_blocks=1, lr=1e-2, memory="document")
+    method = make(lm, protocol=protocol, top_blocks=1, lr=1e-2, fast_state="document")
     # training changed the last block only, in the method's copy; the shared model is as it was
     changed = {k for k, v in method.model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(".layers.1." in k for k in changed)
@@ -472,27 +450,27 @@ def test_top_blocks_are_fine_tuned_in_a_private_copy():
 def test_bad_parameters_are_reported_with_their_fix():
     discover()
     for name in ("fwl", "fwl-dynamic-eval"):
-        _, errs = method_class(name).make_params({"size": 0, "val_tokens": 10**6, "chunk": 0, "memory": "all"})
+        _, errs = method_class(name).make_params({"size": 0, "val_tokens": 10**6, "chunk": 0, "fast_state": "all"})
         text = " | ".join(errs)
-        assert "memory: expected one of 'document', 'window'" in text
+        assert "fast_state: expected one of 'document', 'window'" in text
         _, errs = method_class(name).make_params({"size": 0, "val_tokens": 10**6, "chunk": 0})
         text = " | ".join(errs)
         assert "size must be >= 1" in text and "val_tokens" in text and "chunk must be >= 1" in text
     _, errs = method_class("fwl-dynamic-eval").make_params({"dyn_lr": 0, "dyn_params": "some"})
     assert any("dyn_params" in e for e in errs)
-    # train_memory auto follows the evaluation's memory, and is part of the checkpoint key resolved
-    from tta_bench.fwl import train_fields
+    # train_fast_state auto follows the evaluation's fast_state, and is part of the checkpoint key resolved
+    from tta_bench_methods.fwl.train import train_fields
 
-    for memory in ("document", "window"):
-        params, _ = method_class("fwl").make_params({"memory": memory})
-        assert train_fields(params)["train_memory"] == memory
-    params, _ = method_class("fwl").make_params({"memory": "document", "train_memory": "window"})
-    assert train_fields(params)["train_memory"] == "window"
+    for state in ("document", "window"):
+        params, _ = method_class("fwl").make_params({"fast_state": state})
+        assert train_fields(params)["train_fast_state"] == state
+    params, _ = method_class("fwl").make_params({"fast_state": "document", "train_fast_state": "window"})
+    assert train_fields(params)["train_fast_state"] == "window"
 
 
 def test_untrained_block_barely_changes_the_base(tiny_lm):
     """U starts at u_scale times the head's best rank-m part (or random at that scale)."""
-    from tta_bench.fwl import init_block
+    from tta_bench_methods.fwl.train import init_block
 
     x = tiny_lm.hidden(torch.tensor([list(b"the block starts small, the base model decides")]))
     base = tiny_lm.logits(x)
@@ -507,16 +485,16 @@ def test_untrained_block_barely_changes_the_base(tiny_lm):
 
 @torch.no_grad()
 def test_training_reads_documents_in_order_with_the_state_carried(tiny_lm):
-    """train_memory=document: a document's pieces follow each other (documents shuffled), the state
+    """train_fast_state=document: a document's pieces follow each other (documents shuffled), the state
     carried from piece to piece, so the validation loss equals one pass over each whole document."""
-    import tta_bench.fwl as fwl
+    import tta_bench_methods.fwl.train as fwl
 
     torch.manual_seed(0)
     tc = TrainConfig(size=4, train_tokens=200, val_tokens=40, train_window=16, train_seq_len=8, u_scale=3.0,
-                     train_memory="document")
+                     train_fast_state="document")
     stream = tokenize([Document(f"d{i}", t) for i, t in enumerate(["first document text here", "second one, longer than the first"])],
                       tiny_lm.tokenizer, "t", "train")
-    train, val = fwl._pieces(tiny_lm, tc, stream, progress=False)
+    train, val = fwl._pieces(tiny_lm, tc, stream, PrepareData("train", None, tiny_lm))
     order = fwl._in_order(train, "document", torch.Generator().manual_seed(1))
     assert sorted(id(p) for p, _ in order) == sorted(id(p) for p in train)
     for (a, _), (b, fresh) in zip(order, order[1:]):
@@ -538,5 +516,5 @@ def test_training_reads_documents_in_order_with_the_state_carried(tiny_lm):
         tot += F.cross_entropy(logits[0], y[0], reduction="sum").item()
         n += y.numel()
     assert abs(got - tot / n) < 1e-5
-    window = TrainConfig(**{**fwl.train_fields(tc), "train_memory": "window"})
+    window = TrainConfig(**{**fwl.train_fields(tc), "train_fast_state": "window"})
     assert abs(fwl._validate(tiny_lm, block, val, window, chunk=3)[0] - got) > 1e-4

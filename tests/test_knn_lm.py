@@ -9,7 +9,8 @@ import torch
 from tta_bench.data import Document, tokenize
 from tta_bench.errors import TTABenchError
 from tta_bench.evaluate import Protocol, evaluate, segments
-from tta_bench.method import PrepareData, method_class
+from tta_bench.method import method_class
+from tta_bench.prepared import PrepareData
 from tests.conftest import SAMPLE
 from tests.test_cache import CacheReference
 
@@ -28,7 +29,9 @@ def _method(lm, name, protocol, prep_stream, **params):
     p, errs = cls.make_params(params)
     assert not errs, errs
     m = cls(lm, p, seed=0, protocol=protocol)
-    m.prepare(PrepareData(prep_stream.split, lambda limit_tokens=None, limit_docs=None: prep_stream))
+    data = PrepareData(prep_stream.split, lambda limit_tokens=None, limit_docs=None: prep_stream, lm, "test-corpus")
+    m.prepare(data)
+    m._events = data.events  # what prepare found in the cache and what it computed
     return m
 
 
@@ -133,48 +136,59 @@ def test_knn_cache_equals_sequential_mixture(tiny_lm):
 
 
 def test_ivfpq_full_probe_with_reranking_is_exact(tmp_path):
-    from tta_bench.memory import Datastore, KnnIndex
+    from tta_bench_methods.retrieval.knn import KnnIndex
 
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((1500, 16)).astype(np.float32)
-    np.save(tmp_path / "keys.npy", keys)
-    np.save(tmp_path / "values.npy", np.arange(1500))
-    (tmp_path / "meta.json").write_text(json.dumps({"build_seconds": 0}))
-    store = Datastore(tmp_path)
     q = rng.standard_normal((40, 16)).astype(np.float32)
     d_true = ((q[:, None, :].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
     want = np.argsort(d_true, 1)[:, :10]
-    index = KnnIndex(store, "ivfpq", nlist=8, code_size=8, nprobe=8, rerank=8)
+    built = []
+
+    def cached(params, build):  # stands in for PrepareData.cached: builds once per params
+        folder = tmp_path / json.dumps(params, sort_keys=True).replace('"', "").replace(" ", "")
+        if not folder.is_dir():
+            folder.mkdir()
+            build(folder)
+            built.append(params)
+        return folder
+
+    index = KnnIndex(keys, "ivfpq", nlist=8, code_size=8, nprobe=8, rerank=8, cached=cached)
     dist, ids = index.search(q, 10)
     assert (ids == want).all()
     np.testing.assert_allclose(dist, np.take_along_axis(d_true, want, 1), rtol=1e-4)
-    # the trained index is cached beside the keys and reused
-    assert len(list(tmp_path.glob("ivfpq-nlist8-m8-*.faiss"))) == 1
-    assert (KnnIndex(store, "ivfpq", nlist=8, code_size=8, nprobe=8, rerank=8).search(q, 10)[1] == ids).all()
+    # the trained index is taken from the cache the second time
+    assert (KnnIndex(keys, "ivfpq", nlist=8, code_size=8, nprobe=8, rerank=8, cached=cached).search(q, 10)[1] == ids).all()
+    assert len(built) == 1
     # without re-ranking, PQ distances are approximate: not the exact ones
-    pq_dist, _ = KnnIndex(store, "ivfpq", nlist=8, code_size=8, nprobe=8, rerank=0).search(q, 10)
+    pq_dist, _ = KnnIndex(keys, "ivfpq", nlist=8, code_size=8, nprobe=8, rerank=0).search(q, 10)
     assert not np.allclose(pq_dist, np.take_along_axis(d_true, want, 1), rtol=1e-4)
     # flops: coarse quantizer + tables + every list's codes (nprobe = nlist) + exact re-ranking of 80
     assert index.flops_per_query(10) == 8 * 16 + 256 * 16 + 1500 * 8 + 80 * 16
 
 
-def test_datastore_cached_and_reused(tiny_lm, monkeypatch):
+def test_datastore_comes_from_the_shared_pass_and_is_reused(tiny_lm, monkeypatch):
+    """The keys are the pass's features, values the prepare stream's tokens in order; a second
+    method (other search settings) runs no forward; another key or protocol reads another pass."""
+    from tta_bench_methods.retrieval.knn import datastore
+
     lm, protocol = tiny_lm, Protocol(16, 8, "document")
-    train = _stream(lm, TRAIN[:2], "train")  # a datastore no other test builds
+    train = _stream(lm, TRAIN[:2], "train")
     m = _method(lm, "knn-lm", protocol, train, k=4)
-    info = m.knn.info
-    assert info["built_now"] and info["index"] == "exact"
-    # values are the prepare stream's tokens in order
-    vals = np.load(f"{info['folder']}/values.npy")
-    assert vals.tolist() == [t for d in train.docs for t in d.ids]
+    assert m.knn.info["index"] == "exact" and m.knn.info["n_keys"] == train.n_tokens
+    data = PrepareData("train", lambda **k: train, lm, "test-corpus")
+    keys, values = datastore(data, train, protocol, "ffn_input")
+    assert values.tolist() == [t for d in train.docs for t in d.ids]
+    want = torch.cat([ref_forward(lm, seg.ids, seg.n, "ffn_input")[2] for seg, _, _ in segments(train, protocol, lm.start_id)])
+    assert torch.allclose(torch.from_numpy(keys).double(), want, atol=1e-5)
     calls = []
     monkeypatch.setattr(lm, "hidden", lambda *a, **k: calls.append(1))
-    m2 = _method(lm, "knn-lm", protocol, train, k=4, lam=0.5)  # other search settings share it
-    assert not m2.knn.info["built_now"] and m2.knn.info["folder"] == info["folder"] and not calls
+    m2 = _method(lm, "knn-lm", protocol, train, k=4, lam=0.5)
+    assert [e["hit"] for e in m2._events] == [True] and not calls
     monkeypatch.undo()
-    other = [_method(lm, "knn-lm", p, train, k=4, key=key).knn.info["folder"]
-             for p, key in ((protocol, "hidden"), (Protocol(8, 8, "document"), "ffn_input"))]
-    assert len({info["folder"], *other}) == 3
+    folders = {_method(lm, "knn-lm", p, train, k=4, key=key)._events[0]["folder"]
+               for p, key in ((protocol, "hidden"), (Protocol(8, 8, "document"), "ffn_input"))}
+    assert len(folders | {m._events[0]["folder"]}) == 2  # the key is a column of one pass; the protocol is not
 
 
 def test_search_flops_exact(tiny_lm):
@@ -193,12 +207,16 @@ def test_search_flops_exact(tiny_lm):
 
 
 def test_finds_last_feed_forward_or_fails_clearly(tiny_lm):
-    from tta_bench.memory import find_last_ffn
+    import copy
 
-    name, mod = find_last_ffn(tiny_lm.model)
+    from tta_bench_methods.retrieval.knn import KeyReader
+
+    name, mod = tiny_lm.last_ffn()
     assert mod is tiny_lm.model.model.layers[-1].mlp and name == "model.layers.1.mlp"
+    plain = copy.copy(tiny_lm)
+    plain.model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(TTABenchError, match="key: hidden"):
-        find_last_ffn(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        KeyReader(plain, "ffn_input")
 
 
 @pytest.mark.parametrize("params,message", [
@@ -219,12 +237,12 @@ def test_code_size_must_divide_key_dimension(tiny_lm):
 def test_smollm2_key_is_last_feed_forward_input():
     """On the real model the hook finds model.layers[-1].mlp, and its input is the last block's
     post-attention norm output (read here by another hook)."""
-    from tta_bench.memory import KeyReader
     from tta_bench.models import load_model
+    from tta_bench_methods.retrieval.knn import KeyReader
 
     lm = load_model("smollm2-135m", device="cpu")
     reader = KeyReader(lm, "ffn_input")
-    assert reader.module is lm.model.model.layers[-1].mlp
+    assert lm.last_ffn()[1] is lm.model.model.layers[-1].mlp
     ids = torch.tensor([lm.tokenizer.encode(" = Valkyria Chronicles III = \n Senjō no Valkyria 3 is a game")[0]])
     h, key = reader(ids, 5)
     _, h_ref, k_ref = ref_forward(lm, ids, 5, "ffn_input")

@@ -102,10 +102,11 @@ class PreparedCell:
 
 
 def build_cell(cell: Cell, lm, streams: StreamCache | None = None, *, progress: bool = False,
-               data: PrepareData | None = None, load_stream: bool = True) -> PreparedCell:
+               data: PrepareData | None = None, load_stream: bool = True, count_flops: bool = True) -> PreparedCell:
     """Make the cell's method (seeded from the cell), prepare it with its ledger off (prepare is
     reported as time, not per-token flops), and load the evaluated stream. `data`: another source
-    for prepare (the checks audit what it serves); `load_stream=False`: prepare only."""
+    for prepare (the checks audit what it serves); `load_stream=False`: prepare only;
+    `count_flops=False`: evaluations leave the ledger off (the checks)."""
     import torch
 
     from .flops import Ledger
@@ -133,5 +134,5 @@ def build_cell(cell: Cell, lm, streams: StreamCache | None = None, *, progress: 
         method.close()
         raise
     finally:
-        lm.ledger.enabled = True
+        lm.ledger.enabled = count_flops
     return PreparedCell(cell, lm, protocol, method, params, data, stream, time.perf_counter() - t0)

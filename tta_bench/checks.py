@@ -73,7 +73,7 @@ class _Instance:
                     {}, str(lm.dtype).replace("torch.", ""), lm.device.type)
         self.protocol, self.closed = protocol, False
         with opened_files() as opened:
-            self.built = build_cell(cell, lm, data=data.prepare_data(), load_stream=False)
+            self.built = build_cell(cell, lm, data=data.prepare_data(), load_stream=False, count_flops=False)
         self.method = self.built.method
         self.opened = opened
         self.rng = rng_state()

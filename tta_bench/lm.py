@@ -106,7 +106,7 @@ class LM:
         """(name, module) of the feed-forward layer of the last transformer block: the blocks are the
         ModuleList with one entry per layer (model.layers in Llama, transformer.h in GPT-2), the
         feed-forward its last entry's mlp / feed_forward / ffn."""
-        cfg = self.model.config
+        cfg = getattr(self.model, "config", None)
         n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
         for name, mod in self.model.named_modules():
             if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers):
