@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import tta_bench.evaluate  # noqa: E402
+from tta_bench.cells import StreamCache, build_cell  # noqa: E402
 from tta_bench.config import expand, validate  # noqa: E402
 from tta_bench.models import load_model  # noqa: E402
-from tta_bench.runner import StreamCache, run_cell  # noqa: E402
+from tta_bench.runner import evaluate_cell, make_record  # noqa: E402
 
 # rms: the best on WikiText-2 valid (statistics from its first 100 segments, scored on the 10,000 tokens
 # after them) of lr 3e-6, 1e-5, 3e-5 with eps 1e-5 (3e-5 diverged), 1e-5 with eps 1e-4, 1e-5, 3e-5 with eps 1e-3.
@@ -57,10 +57,6 @@ def main() -> int:
     args = ap.parse_args()
     methods = [parse_method(m) for m in (args.method or DEFAULT_METHODS)]
 
-    # Keep each cell's per-segment times (run_cell reports only their sum).
-    evaluate, results = tta_bench.evaluate.evaluate, []
-    tta_bench.evaluate.evaluate = lambda *a, **k: results.append(evaluate(*a, **k)) or results[-1]
-
     lm = load_model(args.model, device=args.device)
     streams = StreamCache()
     rows = []
@@ -74,9 +70,11 @@ def main() -> int:
             raise SystemExit("; ".join(problems))
         base = None
         for cell in expand(cfg, args.device):
-            rec = run_cell(cell, lm, streams, progress=False)
+            built = build_cell(cell, lm, streams)  # the record, and the per-segment times it sums
+            result = evaluate_cell(built)
+            rec = make_record(built, result)
             c, m = rec["costs"], rec["metrics"]
-            full = [t for t, n in zip(results[-1].seconds[1:], results[-1].seg_tokens[1:]) if n == args.segment]
+            full = [t for t, n in zip(result.seconds[1:], result.seg_tokens[1:]) if n == args.segment]
             row = {"context_len": ctx, "reset": args.reset, "method": rec["label"], "token_ppl": m["token_ppl"],
                    "gflops_per_token": c["gflops_per_token"], "flops": c["flops_per_token"],
                    "sec_per_token": 1 / c["tokens_per_second"], "median_segment_s": statistics.median(full),

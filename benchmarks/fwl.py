@@ -28,19 +28,19 @@ import time
 import torch
 
 
-def breakdown(block, chunk: int, n: int, memory: str) -> dict[str, float]:
+def breakdown(block, chunk: int, n: int, fast_state: str) -> dict[str, float]:
     """fvcore flops per scored token of a full segment of n positions (context_len 1), by part: the
-    carried-state pass and the commit of the last position (memory=document), or the window pass."""
+    carried-state pass and the commit of the last position (fast_state=document), or the window pass."""
     from fvcore.nn import FlopCountAnalysis
 
-    from tta_bench.fwl import commit_pass, score_pass
+    from tta_bench_methods.fwl.block import commit_pass, score_pass
 
     x = torch.zeros(1, n, block.cfg.d_in)
     base = torch.zeros(1, n, block.cfg.vocab)
     state = tuple(block.zero_state(1, x))
     parts: dict[str, float] = {}
     passes = [(score_pass(block, chunk, False), (x, base, torch.zeros(1, n, dtype=torch.long)))]
-    if memory == "document":
+    if fast_state == "document":
         passes = [(score_pass(block, chunk, True), (x, base, torch.zeros(1, n - 1, dtype=torch.long), *state)),
                   (commit_pass(block), (x[:, :1], base[:, :1], torch.zeros(1, 1, dtype=torch.long), *state))]
     for module, inputs in passes:
@@ -59,32 +59,22 @@ def breakdown(block, chunk: int, n: int, memory: str) -> dict[str, float]:
 
 def lockstep(cells, models, streams, n_tokens) -> dict[str, list[float]]:
     """Seconds per segment of each cell's method (score + adapt), the methods taking turns segment by segment."""
-    from tta_bench.evaluate import Protocol, segments
-    from tta_bench.method import PrepareData, Segment, method_class
-    from tta_bench.runner import resolve_protocol
+    from tta_bench.cells import build_cell
+    from tta_bench.evaluate import segments
+    from tta_bench.method import Segment
 
-    methods = {}
-    for cell in cells:
-        lm = models[cell.method["name"]]
-        cls = method_class(cell.method["name"])
-        params, _ = cls.make_params(cell.method["params"])
-        protocol: Protocol = resolve_protocol(cell.protocol, lm)
-        method = cls(lm, params, protocol=protocol)
-        task = cell.task
-        lm.ledger.enabled = False
-        method.prepare(PrepareData(task["prepare_split"], lambda limit_tokens=None, limit_docs=None, lm=lm, task=task:
-                                   streams.get(lm, task, task["prepare_split"], {"docs": limit_docs, "tokens": limit_tokens})))
-        methods[cell.method["name"]] = method
+    built = {cell.method["name"]: build_cell(cell, models[cell.method["name"]], streams, load_stream=False) for cell in cells}
+    for b in built.values():
+        b.lm.ledger.enabled = False
     cell = cells[0]
     lm0 = models[cell.method["name"]]
     stream = streams.get(lm0, cell.task, cell.task["split"], {"docs": None, "tokens": n_tokens})
-    protocol = resolve_protocol(cell.protocol, lm0)
-    names = list(methods)
+    names = list(built)
     times = {n: [] for n in names}
     try:
-        for k, (seg, targets, doc_start) in enumerate(segments(stream, protocol, lm0.start_id)):
+        for k, (seg, targets, doc_start) in enumerate(segments(stream, built[names[0]].protocol, lm0.start_id)):
             for name in names[k % len(names):] + names[:k % len(names)]:
-                m = methods[name]
+                m = built[name].method
                 if doc_start:
                     m.reset()
                 s = Segment(seg.ids, seg.n, seg.doc, seg.start)
@@ -94,8 +84,8 @@ def lockstep(cells, models, streams, n_tokens) -> dict[str, list[float]]:
                 m.adapt(s)
                 times[name].append(time.perf_counter() - t0)
     finally:
-        for m in methods.values():
-            m.close()
+        for b in built.values():
+            b.close()
     return times
 
 
@@ -111,10 +101,12 @@ def main() -> int:
 
     import yaml
 
+    from tta_bench.cells import StreamCache
     from tta_bench.config import expand, validate
-    from tta_bench.fwl import FWBlock, TrainConfig, checkpoint_path, load_checkpoint
     from tta_bench.models import load_model
-    from tta_bench.runner import StreamCache, run_cell
+    from tta_bench.runner import run_cell
+    from tta_bench_methods.fwl.block import FWBlock
+    from tta_bench_methods.fwl.train import TrainConfig, load_checkpoint
 
     fwl_params = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.fwl)}
     methods = ["none", {"name": "fwl", **fwl_params}]
@@ -161,12 +153,12 @@ def main() -> int:
     fwl = rec["fwl"]
     p = fwl["resolved"]["method_params"]
     tc = TrainConfig(**{f.name: p[f.name] for f in dataclasses.fields(TrainConfig)})
-    if tc.train_memory == "auto":
-        tc.train_memory = p["memory"]
+    if tc.train_fast_state == "auto":
+        tc.train_fast_state = p["fast_state"]
     block = FWBlock(tc.block_config(lm))  # flops do not depend on the trained weights
-    parts = breakdown(block, p["chunk"], args.segment_len, p["memory"])
+    parts = breakdown(block, p["chunk"], args.segment_len, p["fast_state"])
     base = none["gflops_per_token"] * 1e9
-    print(f"\nFWL flops per token (memory={p['memory']}, full segment of {args.segment_len}, m={p['size']}, d={lm.hidden_size},"
+    print(f"\nFWL flops per token (fast_state={p['fast_state']}, full segment of {args.segment_len}, m={p['size']}, d={lm.hidden_size},"
           f" V={lm.vocab_size}), as a fraction of none's {base / 1e6:.1f} MFLOPs:")
     print(f"  {'base body + head (as none)':<55}{base / 1e6:>9.2f} M  {1.0:>6.3f}")
     for name, v in parts.items():
@@ -177,11 +169,10 @@ def main() -> int:
     print(f"  one vocabulary projection of the base head: {head / 1e6:.2f} M = {head / base:.3f} of none;"
           f" FWL's three of width m: {3 * lm.vocab_size * p['size'] / 1e6:.2f} M")
 
-    task = cells[0].task
-    ckpt = checkpoint_path(lm, tc, streams.get(lm, task, task["prepare_split"], {"docs": None, "tokens": tc.train_tokens}))
-    if ckpt.is_file() and not p["checkpoint"]:
-        info = load_checkpoint(ckpt)[2]
-        print(f"\nFWL block {ckpt.name}: trained on {info['train_tokens']} tokens of {info['data'][1]} in"
+    event = next((e for e in fwl["prepare"]["cache"] if e["kind"] == "fwl-block"), None)
+    if event is not None:
+        info = load_checkpoint(f"{event['folder']}/block.safetensors")[2]
+        print(f"\nFWL block {event['folder']}: trained on {info['train_tokens']} tokens of {info['data'][1]} in"
               f" {info['train_seconds']:.0f}s ({info['hidden_seconds']:.0f}s of it base hidden states; ~0 when cached)"
               f" on {info['device']} with {info['threads']} threads; kept step {info['best_step']},"
               f" validation nll {info['val_nll']:.4f} (base {info['history'][-1]['val_nll_base']:.4f})")

@@ -23,7 +23,8 @@ def main() -> int:
     from tta_bench.method import method_class
     from tta_bench.models import load_model
     from tta_bench.registry import describe
-    from tta_bench.runner import StreamCache, run_cell
+    from tta_bench.cells import StreamCache
+    from tta_bench.runner import run_cell
 
     if not torch.cuda.is_available():
         print("no CUDA device")

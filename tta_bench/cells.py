@@ -59,8 +59,9 @@ class StreamCache:
         return self.cache[key]
 
 
-def prepare_data(cell: Cell, lm, streams: StreamCache, progress: bool = False, log=None) -> PrepareData:
-    """The cell's prepare split, served only when it is not the evaluated one (SPEC 2)."""
+def prepare_data(cell: Cell, lm, streams: StreamCache, progress: bool = False, log=None, on_load=None) -> PrepareData:
+    """The cell's prepare split, served only when it is not the evaluated one (SPEC 2); `on_load(stream)`
+    sees every stream served (the checks compare them with the evaluated split)."""
     task, prep = cell.task, cell.task["prepare_split"]
 
     def load(limit_tokens=None, limit_docs=None):
@@ -69,7 +70,10 @@ def prepare_data(cell: Cell, lm, streams: StreamCache, progress: bool = False, l
                                 f" besides '{task['split']}'; set `prepare_split` or provide the data")
         if prep == task["split"]:
             raise TTABenchError("prepare may not see the evaluated split (SPEC 2)")
-        return streams.get(lm, task, prep, {"docs": limit_docs, "tokens": limit_tokens})
+        stream = streams.get(lm, task, prep, {"docs": limit_docs, "tokens": limit_tokens})
+        if on_load:
+            on_load(stream)
+        return stream
 
     source = f"{task['name']}:{json.dumps(task['params'], sort_keys=True)}"
     kw = {"log": log} if log else {}

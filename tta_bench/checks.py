@@ -1,31 +1,15 @@
-"""Validity checks (SPEC 6): does a method keep the protocol? Run on a short stream cut from the
-evaluated split, by `python -m tta_bench check`, `run --check`, and tests/test_checks.py for every
-registered method.
+"""Validity checks (SPEC 6), on a short stream cut from the evaluated split, for `tta-bench check`,
+`run --check` and the tests over every registered method. Each failure is one line naming where
+(position, document, token; file; split) and how large.
 
-- causality: the stream is perturbed (every token from position t on replaced by another one) and
-  evaluated again; the predictive distribution of every position <= t (the one for token t included:
-  it may depend only on tokens before t) must not change beyond `atol`. t is placed at a segment
-  boundary, inside a segment and at a document boundary, under both reset policies. This catches a
-  method that reads the token it predicts (non-causal use of its input) and one that adapts on a
-  segment before scoring it.
-- normalisation: every scored distribution sums to 1 (|logsumexp| <= `norm_tol`), at every position
-  of the check stream (a superset of SPEC's sampled positions).
-- split separation, three ways, against the evaluated split E and the prepare split P:
-  1. `prepare` gets data only through PrepareData.load, which serves P and refuses E;
-  2. the files the task reads for E and not for P are recorded (Python's audit hook sees every
-     open()), and `prepare` must open none of them: catches a method that reads E by itself
-     (a path in its config, the task registry, its own loader);
-  3. what PrepareData.load returned must not share runs of `overlap_k` identical tokens with the
-     cell's evaluated stream (more than `overlap_max` of its tokens): catches a task or config whose
-     P and E hold the same text under two names.
-  The first prepare also runs before the evaluated stream is tokenized.
-- determinism: two fresh instances (same seed, prepare each) give the same nll_sum on CPU; and a
-  prepared instance evaluating the stream again gives the same nll_sum, i.e. reset() returns to the
-  state after prepare (the causality runs rely on it).
-- isolation: after close() the shared model has its weights and requires_grad flags back (the runner
-  reuses one loaded model across cells); the check restores them if not, so later methods are unharmed.
-
-Each failure is one line naming where (position, document, token; file; split) and how large.
+- causality: tokens from t on perturbed (t at a segment boundary, inside a segment, at a document
+  boundary; both reset policies); no distribution at a position <= t may move beyond `atol`.
+- normalisation: every scored distribution sums to 1 (|logsumexp| <= `norm_tol`).
+- split separation: prepare gets the prepare split only (cells.prepare_data refuses the evaluated
+  one), opens none of the evaluated split's files (audit hook), and what it loaded shares no runs of
+  `overlap_k` tokens with the evaluated stream beyond `overlap_max`.
+- determinism: two fresh instances give the same nll_sum on CPU, and so does one after reset().
+- isolation: after close() the shared model has its weights and requires_grad flags back.
 """
 from __future__ import annotations
 
@@ -37,8 +21,9 @@ import os
 import time
 from dataclasses import dataclass
 
-from .probes import CheckData, Snapshot, jsonable, max_change, opened_files, perturbed, real_paths, rng_state, set_rng, shared_runs
 from .errors import TTABenchError
+from .probes import (CheckData, Snapshot, jsonable, max_change, opened_files, perturbed, real_paths, rng_state, set_rng,
+                     shared_runs)
 
 CHECKS = ("causality", "normalisation", "split_separation", "determinism", "isolation")
 
@@ -65,15 +50,17 @@ class _Instance:
     """One prepared method, built as every cell is (cells.build_cell); each evaluation starts from the same random state."""
 
     def __init__(self, cls, params, lm, seed, protocol, data: CheckData):
-        from .cells import build_cell
+        from .cells import StreamCache, build_cell, prepare_data
         from .config import Cell
 
         cell = Cell({"name": lm.name}, data.entry, {"name": cls.registry_name, "params": dataclasses.asdict(params)}, seed,
                     {"segment_len": protocol.segment_len, "context_len": protocol.context_len, "reset": protocol.reset},
                     {}, str(lm.dtype).replace("torch.", ""), lm.device.type)
         self.protocol, self.closed = protocol, False
+        data.streams = data.streams or StreamCache()
+        prep = prepare_data(cell, lm, data.streams, on_load=data.loads.append)
         with opened_files() as opened:
-            self.built = build_cell(cell, lm, data=data.prepare_data(), load_stream=False, count_flops=False)
+            self.built = build_cell(cell, lm, data=prep, load_stream=False, count_flops=False)
         self.method = self.built.method
         self.opened = opened
         self.rng = rng_state()

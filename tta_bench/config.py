@@ -1,20 +1,5 @@
 """bench.yaml: schema, validation (every problem at once, each with its field path), grid expansion.
-
-    run: default                 # results go to <output_dir>/<run>/
-    output_dir: results
-    device: auto                 # auto | cpu | cuda | cuda:N
-    dtype: float32               # float32 | bfloat16 | float16
-    seeds: [0]
-    protocol: {segment_len: 128, context_len: 1, reset: document}   # context_len: auto = window - segment_len
-    limits: {docs: null, tokens: 20000}
-    models: [smollm2-135m]       # or {name: REF, label: ..., revision: ..., source: ...}
-    tasks: [wikitext-2]          # or {name: wikitext-2, split: test, prepare_split: valid, <task params>}
-    methods:                     # or {name: M, label: ..., <method params>}; a list value is a grid axis
-                                 # select_on: valid -> one cell: the grid's best setting on that split, evaluated
-      - none
-    plugins: []                  # extra folders/files with @register_method / @register_task
-    progress: true
-"""
+The keys and their meaning are in the README's bench.yaml reference."""
 from __future__ import annotations
 
 import copy

@@ -92,7 +92,7 @@ class Ledger:
             self.counters[key] = counter
 
     def add(self, key: str, flops: float) -> None:
-        """Flops that tracing a forward cannot see: `adapt.backward`, `adapt.update`, `search.knn`..."""
+        """Flops that tracing a forward cannot see: `adapt.backward`, `adapt.update`, `search.<what>`..."""
         if self.enabled:
             self.extra[key] += float(flops)
 

@@ -1,27 +1,10 @@
 """The method interface: every method scores a segment, and only then may adapt on it (SPEC 2).
 
-A method is one class in `methods/`:
-
-    @register_method("my-method")
-    class MyMethod(Method):
-        '''One line for `tta-bench list`.'''
-
-        @dataclass
-        class Params:
-            lr: float = 1e-3
-
-        def score(self, seg):            # -> (seg.n, V) log-probabilities
-            return self.lm.logprobs(seg.ids, seg.n)
-
-        def adapt(self, seg):            # seg.targets is set here, and only here
-            ...
-
-The harness calls `prepare` once per cell with the task's non-evaluated split (a
-`tta_bench.prepared.PrepareData`: the split, the base model's features over it, and the cache where
-prepared state is kept), `reset` at the start
-and at every document boundary when the reset policy is `document`, then `score` and `adapt` for
-each segment in stream order. Forwards through `self.lm` are counted automatically; a method adds the
-flops a forward trace cannot see (backward, update, search) with `self.ledger.add(key, flops)`.
+The harness calls `prepare(data)` once per cell (`data`: a tta_bench.prepared.PrepareData, never the
+evaluated split), `reset` at the start and at every document boundary under reset `document`, then
+`score` and `adapt` for each segment in stream order, and `close` at the end. Forwards through
+`self.lm` are counted automatically; a method adds the flops a forward trace cannot see (backward,
+update, search) with `self.ledger.add(key, flops)`. The README's "Adding a method" has an example.
 """
 from __future__ import annotations
 

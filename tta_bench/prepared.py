@@ -1,15 +1,14 @@
 """What `prepare` receives (SPEC 2: never the evaluated split), and the one cache for prepared state.
 
-- `PrepareData.load(limit_tokens)`: the non-evaluated split, tokenized.
-- `PrepareData.features(stream, protocol)`: the base model's final hidden states and the input of its
-  last feed-forward layer at every position of the stream, read the way the protocol reads text. One
-  pass per (model, task split, protocol) serves every method and cell: it is cached on disk in parts
-  of whole documents, and a longer request extends it (a pass cut short resumes at its last part).
-- `PrepareData.segments(stream, protocol)`: the stream's segments, targets attached (gradient statistics).
-- `PrepareData.cached(kind, stream, params, build)`: a folder of prepared state (a trained block, an
-  index, statistics) keyed by model fingerprint, prepare-data fingerprint and the parameters prepare
-  depends on; built in a temporary folder and renamed, so it is whole or absent. Hits and misses are
-  recorded in `PrepareData.events` (the cell record keeps them; `run` reports them).
+- `load(limit_tokens)`: the prepare split, tokenized.
+- `features(stream, protocol)`: the base model's final hidden states and last feed-forward inputs at
+  every position, read as the protocol reads text: one pass per (model, split, protocol) serves every
+  method and cell, kept on disk in parts of whole documents (a longer request extends it; a pass cut
+  short resumes at its last part).
+- `segments(stream, protocol)`: the stream's segments, targets attached (gradient statistics).
+- `cached(kind, stream, params, build)`: a folder of prepared state keyed by model fingerprint,
+  prepare-data fingerprint and params; built in a temporary folder and renamed (whole or absent).
+Every hit and miss goes to `events` (kept in the cell record, reported by `run` and `prepare`).
 """
 from __future__ import annotations
 
@@ -40,10 +39,6 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 @dataclass
 class PrepareData:
     """The split `prepare` may use, and the harness's services over it (see the module docstring)."""
@@ -53,13 +48,9 @@ class PrepareData:
     lm: object = None
     source: str = ""  # names the task and its parameters: features are cached per source and split
     progress: bool = False
-    log: Callable[[str], None] = _log
-    root: Path | None = None  # the cache (default cache_dir())
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
+    root: Path = field(default_factory=cache_dir)  # the cache
     events: list = field(default_factory=list)
-
-    @property
-    def cache_root(self) -> Path:
-        return self.root or cache_dir()
 
     def segments(self, stream: Stream, protocol):
         """The stream's segments under `protocol`, ids and targets on the model's device."""
@@ -75,7 +66,7 @@ class PrepareData:
         lm = self.lm
         key = {"kind": kind, "model": lm.fingerprint, "dtype": str(lm.dtype), "params": params,
                "data": None if stream is None else [stream.task, stream.split, stream.fingerprint, stream.n_tokens]}
-        folder = self.cache_root / "prepared" / kind / digest(key)
+        folder = self.root / "prepared" / kind / digest(key)
         if (folder / "meta.json").is_file():
             self.events.append({"kind": kind, "hit": True, "folder": str(folder)})
             return folder
@@ -85,16 +76,15 @@ class PrepareData:
         t0 = time.perf_counter()
         try:
             info = build(tmp) or {}
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        seconds = time.perf_counter() - t0
-        meta = {"key": key, "info": info, "seconds": seconds,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        try:
+            seconds = time.perf_counter() - t0
+            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            (tmp / "meta.json").write_text(json.dumps({"key": key, "info": info, "seconds": seconds, "created": now},
+                                                      indent=1, default=str))
             tmp.rename(folder)
         except OSError:  # another process finished the same state first
+            if not (folder / "meta.json").is_file():
+                raise
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.events.append({"kind": kind, "hit": False, "seconds": seconds, "folder": str(folder)})
         return folder
@@ -116,23 +106,36 @@ class PrepareData:
         complete = len(stream.docs) - int(stream.cut)
         t0 = time.perf_counter()
         store = FeatureStore(self, protocol)
-        computed, edges = store.extend(stream, complete), 0
+        computed = store.extend(stream, complete)
         out = store.read(stream, complete)
-        if tail == "short":  # each document's partial last window, from its own tokens only
-            S = protocol.segment_len
-            for d in range(complete):
-                n = len(stream.docs[d].ids)
-                if n > S and n % S:
-                    tail_rows = compute(self.lm, stream, protocol, range(d, d + 1), "short", only_tail=True)[0]
-                    for k, v in tail_rows.items():
-                        out[d][k][n - n % S:] = v
-                    edges += n % S
-        if stream.cut:  # the cut document: its last segment differs from the same document's uncut
-            out.append(compute(self.lm, stream, protocol, range(complete, len(stream.docs)), tail)[0])
-            edges += len(stream.docs[-1].ids)
-        # a hit: the shared pass had every document; edge tokens (a cut document, short tails) are recomputed
-        self.events.append({"kind": "features", "hit": computed == 0, "pass_tokens": computed, "edge_tokens": edges,
+        # a hit: the shared pass had every complete document
+        self.events.append({"kind": "features", "hit": computed == 0, "pass_tokens": computed,
                             "tokens": stream.n_tokens, "seconds": time.perf_counter() - t0, "folder": str(store.folder)})
+        S = protocol.segment_len
+        tails = [d for d in range(complete) if tail == "short" and len(stream.docs[d].ids) > S and len(stream.docs[d].ids) % S]
+        if tails or stream.cut:  # rows that differ from the pass's: kept as prepared state of their own
+            def build(folder):
+                arrays = {}
+                for d in tails:  # a document's partial last window, from its own tokens only
+                    for k, v in compute(self.lm, stream, protocol, range(d, d + 1), "short", only_tail=True)[0].items():
+                        arrays[f"{d}:{k}"] = v
+                if stream.cut:  # the cut document: its last segment differs from the uncut document's
+                    for k, v in compute(self.lm, stream, protocol, range(complete, len(stream.docs)), tail)[0].items():
+                        arrays[f"{complete}:{k}"] = v
+                np.savez(folder / "edges.npz", **arrays)
+                return {"tokens": sum(len(v) for k, v in arrays.items() if k.endswith(":hidden"))}
+
+            folder = self.cached("feature-edges", stream, {"pass": store.key, "tail": tail}, build)
+            with np.load(folder / "edges.npz") as edges:
+                for key in edges.files:
+                    d, name = key.split(":")
+                    d, rows = int(d), edges[key]
+                    if d == len(out):
+                        out.append({})
+                    if name in out[d]:
+                        out[d][name][len(out[d][name]) - len(rows):] = rows
+                    else:
+                        out[d][name] = rows
         return [{k: torch.from_numpy(v) for k, v in doc.items()} for doc in out]
 
 
@@ -199,7 +202,7 @@ class FeatureStore:
         self.data, self.lm, self.protocol = data, lm, protocol
         self.key = {"model": lm.fingerprint, "dtype": str(lm.dtype), "source": data.source, "split": data.split,
                     "protocol": [protocol.segment_len, protocol.context_len, protocol.reset], "version": 1}
-        self.folder = data.cache_root / "features" / f"{lm.name.replace('/', '_')}-{data.split}-{digest(self.key)}"
+        self.folder = data.root / "features" / f"{lm.name.replace('/', '_')}-{data.split}-{digest(self.key)}"
 
     @contextmanager
     def _locked(self):

@@ -65,8 +65,8 @@ class CheckData:
         self.lm, self.entry, self.limits = lm, task, limits or {}
         self.split, self.prep = task["split"], task.get("prepare_split")
         self.task_cls = get("task", task["name"])
-        self.loads: list = []  # every stream PrepareData.load returned
-        self._prep_docs = None
+        self.loads: list = []  # every stream PrepareData.load returned (cells.prepare_data's on_load)
+        self.streams = None  # a cells.StreamCache shared by the instances of one check
 
     def _task(self):
         return self.task_cls(**self.entry["params"])  # a fresh object: no cached documents
@@ -81,27 +81,6 @@ class CheckData:
                 self._task().documents(self.prep)
         code = (".py", ".pyc", ".so")  # a module imported on the first read is not data
         return {p for p in real_paths(ev) - real_paths(prep) if os.path.isfile(p) and not p.endswith(code)}
-
-    def load_prepare(self, limit_tokens=None, limit_docs=None):
-        """PrepareData.load, as the runner serves it: the prepare split only."""
-        from .data import tokenize
-
-        if self.prep is None:
-            raise TTABenchError(f"the method needs a prepare split but task {self.entry['name']} has none besides"
-                                f" '{self.split}'; set `prepare_split` or provide the data")
-        if self.prep == self.split:
-            raise TTABenchError("prepare may not see the evaluated split (SPEC 2)")
-        if self._prep_docs is None:
-            self._prep_docs = self._task().documents(self.prep)
-        stream = tokenize(self._prep_docs, self.lm.tokenizer, self.entry["name"], self.prep, limit_docs, limit_tokens)
-        self.loads.append(stream)
-        return stream
-
-    def prepare_data(self):
-        from .prepared import PrepareData
-
-        return PrepareData(self.prep, self.load_prepare, self.lm,
-                           f"{self.entry['name']}:{json.dumps(self.entry['params'], sort_keys=True)}")
 
     def evaluated_stream(self):
         """The evaluated split as the cell sees it (the cell's limits)."""

@@ -40,7 +40,7 @@ def _glibc():
 def _retain_freed_memory() -> None:
     """glibc hands big freed blocks back to the OS, so tensors allocated afresh every segment (a
     backward's vocab x d head gradient, logits) page-fault again each time: up to a fifth of a
-    dynamic-evaluation segment on CPU. Keep them in the heap while a cell runs (process-wide, set
+    weight-adapting segment on CPU. Keep them in the heap while a cell runs (process-wide, set
     before any cell so that `none` and every method are timed alike; _peak_reset trims the heap
     between cells so peaks stay per cell). No-op off glibc."""
     import ctypes
@@ -82,12 +82,19 @@ def run_cell(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool = T
     built = build_cell(cell, lm, streams, progress=progress)
     if log:
         log("    prepare: " + prepare_summary(built.data.events, built.prepare_seconds))
+    return make_record(built, evaluate_cell(built, progress, observer))
+
+
+def evaluate_cell(built, progress: bool = False, observer=None):
+    """Evaluate a built cell as `run` does (freed memory kept in the heap, peak memory counted from
+    here), then close it: the loaded model is shared by the next cells."""
+    if built.lm.device.type == "cpu":
+        _retain_freed_memory()
     try:
-        _peak_reset(lm.device)
-        result = built.evaluate(progress=progress, observer=observer)
+        _peak_reset(built.lm.device)
+        return built.evaluate(progress=progress, observer=observer)
     finally:
-        built.close()  # the loaded model is shared by the next cells
-    return make_record(built, result)
+        built.close()
 
 
 def prepare_summary(events: list[dict], seconds: float) -> str:
@@ -97,8 +104,7 @@ def prepare_summary(events: list[dict], seconds: float) -> str:
     parts = []
     for e in events:
         if e["kind"] == "features":
-            edge = f", {e['edge_tokens']} edge tokens recomputed" if e["edge_tokens"] else ""
-            parts.append(f"features cached{edge}" if e["hit"] else f"features computed for {e['pass_tokens']} tokens{edge}")
+            parts.append("features cached" if e["hit"] else f"features computed for {e['pass_tokens']} tokens")
         else:
             parts.append(f"{e['kind']} cached" if e["hit"] else f"{e['kind']} built in {e['seconds']:.1f}s")
     return "; ".join(parts) + f" ({seconds:.1f}s)"

@@ -6,7 +6,7 @@ perplexity, eval time and FLOPs of each method relative to none (none runs first
 ratios use the mean of its two times), the datastore size and build time, and the worst
 normalisation error (|logsumexp| of the full distribution) at sampled positions.
 
-    flock /tmp/tta_cpu.lock .venv/bin/python benchmarks/memory.py > /tmp/memory_bench.log 2>&1 &
+    flock /tmp/tta_cpu.lock .venv/bin/python benchmarks/retrieval.py > /tmp/retrieval_bench.log 2>&1 &
 """
 from __future__ import annotations
 
@@ -33,11 +33,10 @@ def main():
     ap.add_argument("--build-only", action="store_true", help="build (or find) the datastore and stop")
     args = ap.parse_args()
 
+    from tta_bench.cells import StreamCache, build_cell
     from tta_bench.config import expand, validate
-    from tta_bench.evaluate import Protocol
-    from tta_bench.memory import Datastore, KeyReader
     from tta_bench.models import load_model
-    from tta_bench.runner import StreamCache, run_cell
+    from tta_bench.runner import prepare_summary, run_cell
     from tta_bench.results import device_name
 
     knn, cache = json.loads(args.knn), json.loads(args.cache)
@@ -55,21 +54,19 @@ def main():
         raise SystemExit("\n".join(problems))
     lm = load_model(args.model, device="cpu")
     streams = StreamCache()
-    task = cfg.tasks[0]
 
-    # The datastore the kNN cells will use: built (or found) here so its build time is reported apart.
-    valid = streams.get(lm, task, "valid", {"docs": None, "tokens": args.datastore_tokens})
-    t0 = time.perf_counter()
-    store = Datastore.build_or_load(KeyReader(lm, knn.get("key", "ffn_input")), valid,
-                                    Protocol(args.segment, args.context, "document"))
-    took = time.perf_counter() - t0
-    print(f"datastore: {len(store):,} keys x {store.keys.shape[1]} from WikiText-2 valid;"
-          f" build {store.meta['build_seconds']:.0f} s ({'built now' if store.built_now else f'reused, loaded in {took:.1f} s'})"
-          f"; {store.folder}", flush=True)
+    # The datastore the kNN cells will use: prepared (or found) here so its build time is reported apart.
+    cells = expand(cfg, "cpu")
+    knn_cell = next((c for c in cells if c.method["name"] in ("knn-lm", "knn-cache")), None)
+    if knn_cell is not None:
+        built = build_cell(knn_cell, lm, streams, load_stream=False)
+        info = built.method.knn.info
+        built.close()
+        print(f"datastore: {info['n_keys']:,} keys x {info['dim']} from WikiText-2 valid, {info['index']} index;"
+              f" {prepare_summary(built.data.events, built.prepare_seconds)}", flush=True)
     if args.build_only:
         return
 
-    cells = expand(cfg, "cpu")
     cells = cells + [cells[0]]  # none again at the end: the time ratio uses both runs
     rows, worst = [], {}
     for cell in cells:
