@@ -56,7 +56,6 @@ class _Instance:
         cell = Cell({"name": lm.name}, data.entry, {"name": cls.registry_name, "params": dataclasses.asdict(params)}, seed,
                     {"segment_len": protocol.segment_len, "context_len": protocol.context_len, "reset": protocol.reset},
                     {}, str(lm.dtype).replace("torch.", ""), lm.device.type)
-        self.protocol, self.closed = protocol, False
         data.streams = data.streams or StreamCache()
         prep = prepare_data(cell, lm, data.streams, on_load=data.loads.append)
         with opened_files() as opened:

@@ -137,11 +137,13 @@ def _scan_source(path: Path) -> list[tuple[str, str, str]]:
     return found
 
 
-def _import_package(name: str, folder: Path) -> None:
-    """Make a plugin package importable under `name` (so its modules' relative imports work)."""
+def _exec_file(name: str, path: Path, package_folder: Path | None = None) -> None:
+    """Import the module in `path` under `name`; a package's __init__.py with its folder, so that its
+    modules' relative imports work."""
     if name in sys.modules:
         return
-    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    search = {"submodule_search_locations": [str(package_folder)]} if package_folder else {}
+    spec = importlib.util.spec_from_file_location(name, path, **search)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -164,18 +166,11 @@ def _file_loader(path: Path, module_name: str, package: tuple[str, Path] | None)
             except ModuleNotFoundError as e:
                 if not module_name.startswith(str(e.name)):
                     raise
-        if package is not None:
-            _import_package(*package)
+        if package is None:
+            _exec_file(module_name, path)
+        else:
+            _exec_file(package[0], package[1] / "__init__.py", package[1])
             importlib.import_module(module_name)
-            return
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[module_name]
-            raise
 
     return load
 

@@ -42,7 +42,7 @@ class DynamicEval(Method):
         eps: float = 1e-5  # rms: added to sqrt(ms)
         params: str = "all"  # all | last N (blocks) | a regex on parameter names
         n_stat_segments: int = 100  # rms: prepare-split segments for the gradient statistics
-        context_grad: bool = False  # also back-propagate through the context (else it is a fixed memory)
+        context_grad: bool = False  # also back-propagate through the context (else its KV cache is fixed)
 
         def problems(self) -> list[str]:
             out = update_rule_problems(self.lr, self.decay, self.eps, self.n_stat_segments)
