@@ -266,6 +266,8 @@ def prepare(path: str, progress: bool | None = None, log=print) -> int:
     device = resolve_device(cfg.device)
     cells = config_mod.expand(cfg, device.type)
     show = cfg.progress if progress is None else progress
+    if device.type == "cpu":
+        _retain_freed_memory()  # as in `run`: training allocates the same large buffers every step
     streams, t_all = StreamCache(), time.perf_counter()
     for lm, group in by_model(cells, device, cfg.dtype, log):
         jobs = []
