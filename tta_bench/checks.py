@@ -50,13 +50,12 @@ class _Instance:
     """One prepared method, built as every cell is (cells.build_cell); each evaluation starts from the same random state."""
 
     def __init__(self, cls, params, lm, seed, protocol, data: CheckData):
-        from .cells import StreamCache, build_cell, prepare_data
+        from .cells import build_cell, prepare_data
         from .config import Cell
 
         cell = Cell({"name": lm.name}, data.entry, {"name": cls.registry_name, "params": dataclasses.asdict(params)}, seed,
                     {"segment_len": protocol.segment_len, "context_len": protocol.context_len, "reset": protocol.reset},
                     {}, str(lm.dtype).replace("torch.", ""), lm.device.type)
-        data.streams = data.streams or StreamCache()
         prep = prepare_data(cell, lm, data.streams, on_load=data.loads.append)
         with opened_files() as opened:
             self.built = build_cell(cell, lm, data=prep, load_stream=False, count_flops=False)

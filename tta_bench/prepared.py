@@ -76,17 +76,16 @@ class PrepareData:
         t0 = time.perf_counter()
         try:
             info = build(tmp) or {}
-            seconds = time.perf_counter() - t0
             now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            (tmp / "meta.json").write_text(json.dumps({"key": key, "info": info, "seconds": seconds, "created": now},
-                                                      indent=1, default=str))
+            meta = {"key": key, "info": info, "seconds": time.perf_counter() - t0, "created": now}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
             tmp.rename(folder)
         except OSError:  # another process finished the same state first
             if not (folder / "meta.json").is_file():
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.events.append({"kind": kind, "hit": False, "seconds": seconds, "folder": str(folder)})
+        self.events.append({"kind": kind, "hit": False, "seconds": time.perf_counter() - t0, "folder": str(folder)})
         return folder
 
     def features(self, stream: Stream, protocol, tail: str = "protocol") -> list[dict]:
@@ -116,12 +115,12 @@ class PrepareData:
         if tails or stream.cut:  # rows that differ from the pass's: kept as prepared state of their own
             def build(folder):
                 arrays = {}
-                for d in tails:  # a document's partial last window, from its own tokens only
-                    for k, v in compute(self.lm, stream, protocol, range(d, d + 1), "short", only_tail=True)[0].items():
-                        arrays[f"{d}:{k}"] = v
+                if tails:  # each document's partial last window, from its own tokens only
+                    rows = compute(self.lm, stream, protocol, range(tails[0], tails[-1] + 1), "short", only_tail=True)
+                    arrays.update({f"{d}:{k}": v for d in tails for k, v in rows[d].items()})
                 if stream.cut:  # the cut document: its last segment differs from the uncut document's
-                    for k, v in compute(self.lm, stream, protocol, range(complete, len(stream.docs)), tail)[0].items():
-                        arrays[f"{complete}:{k}"] = v
+                    cut = compute(self.lm, stream, protocol, range(complete, len(stream.docs)), tail)[complete]
+                    arrays.update({f"{complete}:{k}": v for k, v in cut.items()})
                 np.savez(folder / "edges.npz", **arrays)
                 return {"tokens": sum(len(v) for k, v in arrays.items() if k.endswith(":hidden"))}
 
@@ -139,8 +138,9 @@ class PrepareData:
         return [{k: torch.from_numpy(v) for k, v in doc.items()} for doc in out]
 
 
-def compute(lm, stream: Stream, protocol, docs: range, tail: str, only_tail: bool = False, bar=None) -> list[dict]:
-    """Features of documents `docs` of the stream (see PrepareData.features), BATCH inputs per forward."""
+def compute(lm, stream: Stream, protocol, docs: range, tail: str, only_tail: bool = False, bar=None) -> dict[int, dict]:
+    """{document: features} for the documents in `docs` (see PrepareData.features), BATCH inputs of one
+    shape and document per forward; `only_tail`: just the rows of each partial last segment."""
     import torch
 
     from .evaluate import segments
@@ -150,19 +150,20 @@ def compute(lm, stream: Stream, protocol, docs: range, tail: str, only_tail: boo
         names = FEATURES
     except TTABenchError:  # no feed-forward layer found: hidden states only
         names = FEATURES[:1]
-    out = {d: {k: np.empty((len(stream.docs[d].ids), lm.hidden_size), np.float32) for k in names} for d in docs}
+    out: dict[int, dict] = {}  # np.empty touches no memory until rows are written
     S = protocol.segment_len
 
     def run(group):
-        ids = torch.cat([s.ids for s, _ in group]).to(lm.device)
+        ids = torch.cat([s.ids for s in group]).to(lm.device)
         with torch.no_grad():
             h, f = lm.hidden_and_ffn_input(ids) if len(names) == 2 else (lm.hidden(ids), None)
-        n = group[0][0].n
-        for i, (seg, _) in enumerate(group):
+        n = group[0].n
+        for i, seg in enumerate(group):
+            doc = out.setdefault(seg.doc, {k: np.empty((len(stream.docs[seg.doc].ids), lm.hidden_size), np.float32) for k in names})
             rows = slice(seg.start, seg.start + seg.n)
-            out[seg.doc]["hidden"][rows] = h[i, -n:].float().cpu().numpy()
+            doc["hidden"][rows] = h[i, -n:].float().cpu().numpy()
             if f is not None:
-                out[seg.doc]["ffn_input"][rows] = f[i, -n:].float().cpu().numpy()
+                doc["ffn_input"][rows] = f[i, -n:].float().cpu().numpy()
         if bar is not None:
             bar.update(n * len(group))
 
@@ -172,21 +173,21 @@ def compute(lm, stream: Stream, protocol, docs: range, tail: str, only_tail: boo
             continue
         if seg.doc >= docs.stop:
             break
-        last = seg.start + seg.n == len(stream.docs[seg.doc].ids)
-        if tail == "short" and last and seg.n < S:
-            seg.ids = seg.ids[:, -seg.n:]  # the window's own tokens only
-        if only_tail and not (last and seg.n < S):
+        partial_last = seg.start + seg.n == len(stream.docs[seg.doc].ids) and seg.n < S
+        if only_tail and not partial_last:
             continue
-        if group and (len(group) == BATCH or group[0][0].doc != seg.doc or group[0][0].ids.shape != seg.ids.shape
-                      or group[0][0].n != seg.n):
+        if tail == "short" and partial_last:
+            seg.ids = seg.ids[:, -seg.n:]  # the window's own tokens only
+        if group and (len(group) == BATCH or group[0].doc != seg.doc or group[0].ids.shape != seg.ids.shape
+                      or group[0].n != seg.n):
             run(group)
             group = []
-        group.append((seg, None))
+        group.append(seg)
     if group:
         run(group)
     if only_tail:
-        return [{k: v[len(v) - len(v) % S:] for k, v in out[d].items()} for d in docs]
-    return [out[d] for d in docs]
+        return {d: {k: v[len(v) - len(v) % S:] for k, v in doc.items()} for d, doc in out.items()}
+    return out
 
 
 def _doc_hash(ids) -> str:
@@ -230,8 +231,8 @@ class FeatureStore:
         with self._locked():
             index = self._index()
             hashes = [_doc_hash(d.ids) for d in stream.docs[:complete]]
-            known = index["docs"]
-            if known[:min(len(known), complete)] != hashes[:len(known)]:
+            n = min(len(index["docs"]), complete)
+            if index["docs"][:n] != hashes[:n]:
                 self.data.log(f"features in {self.folder} were computed from other text; computing them again")
                 for f in self.folder.glob("part-*"):
                     f.unlink()
@@ -250,7 +251,8 @@ class FeatureStore:
                 d1, n = d0, 0
                 while d1 < complete and (n < PART_TOKENS or d1 == d0):
                     n, d1 = n + len(stream.docs[d1].ids), d1 + 1
-                docs = compute(self.lm, stream, self.protocol, range(d0, d1), "protocol", bar=bar)
+                computed = compute(self.lm, stream, self.protocol, range(d0, d1), "protocol", bar=bar)
+                docs = [computed[d] for d in range(d0, d1)]
                 part = {"docs": [d0, d1], "file": f"part-{d0:07d}-{d1:07d}", "names": sorted(docs[0])}
                 for name in part["names"]:
                     tmp = self.folder / f".{part['file']}-{name}.tmp{os.getpid()}.npy"

@@ -60,13 +60,14 @@ class CheckData:
     evaluated split, read only when asked for."""
 
     def __init__(self, lm, task: dict, limits: dict | None = None):
+        from .cells import StreamCache
         from .registry import get
 
         self.lm, self.entry, self.limits = lm, task, limits or {}
         self.split, self.prep = task["split"], task.get("prepare_split")
         self.task_cls = get("task", task["name"])
         self.loads: list = []  # every stream PrepareData.load returned (cells.prepare_data's on_load)
-        self.streams = None  # a cells.StreamCache shared by the instances of one check
+        self.streams = StreamCache()  # shared by the instances of one check: the prepare split is read once
 
     def _task(self):
         return self.task_cls(**self.entry["params"])  # a fresh object: no cached documents

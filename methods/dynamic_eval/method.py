@@ -16,6 +16,7 @@ prepare` computes them once."""
 from __future__ import annotations
 
 import inspect
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -73,20 +74,14 @@ class DynamicEval(Method):
         from tta_bench.evaluate import Protocol
 
         p, protocol = self.params, self.protocol or Protocol()
-        # Every segment has at most segment_len targets, so this many tokens give at least n segments.
-        stream = data.load(limit_tokens=p.n_stat_segments * protocol.segment_len)
 
-        def grads():
-            for i, seg in enumerate(data.segments(stream, protocol)):
-                if i == p.n_stat_segments:
-                    break
-                with torch.enable_grad():
-                    logprobs = self._logprobs(seg.ids, seg.n)
-                yield self.dyn.grad(_nll(logprobs, seg.targets))
+        def segment_grads(seg):
+            with torch.enable_grad():
+                logprobs = self._logprobs(seg.ids, seg.n)
+            return self.dyn.grad(_nll(logprobs, seg.targets))
 
-        key = {"params": self.names, "n_stat_segments": p.n_stat_segments, "context_grad": p.context_grad,
-               "protocol": [protocol.segment_len, protocol.context_len, protocol.reset]}
-        self.dyn.use_stats(rms_statistics(data, stream, key, grads))
+        key = {"params": self.names, "context_grad": p.context_grad}
+        self.dyn.use_stats(rms_statistics(data, protocol, p.n_stat_segments, key, segment_grads))
 
     def reset(self):
         self.dyn.reset()
@@ -145,16 +140,23 @@ def _nll(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.nll_loss(logprobs, targets)
 
 
-def rms_statistics(data, stream, key: dict, grads) -> list[torch.Tensor]:
-    """sqrt(ms) of every adapted parameter (the rms rule's statistics), from the harness's cache of
-    prepared state, or computed from `grads()` (one gradient list per prepare segment) and cached."""
+def rms_statistics(data, protocol, n_segments: int, key: dict, segment_grads) -> list[torch.Tensor]:
+    """sqrt(ms) of every adapted parameter (the rms rule's statistics) over the first `n_segments`
+    segments of the prepare split, `segment_grads(seg)` giving one segment's gradients; from the
+    harness's cache of prepared state (keyed by `key`, the protocol and the count), else computed and cached."""
     from safetensors.torch import load_file, save_file
 
+    # Every segment has at most segment_len targets, so this many tokens give at least n segments.
+    stream = data.load(limit_tokens=n_segments * protocol.segment_len)
+
     def build(folder):
-        rms = DynamicEvaluation.mean_square_root(grads())
+        segs = itertools.islice(data.segments(stream, protocol), n_segments)
+        rms = DynamicEvaluation.mean_square_root(segment_grads(seg) for seg in segs)
         save_file({f"p{i}": r.detach().cpu().contiguous() for i, r in enumerate(rms)}, str(folder / "rms.safetensors"))
         return {"parameters": len(rms)}
 
-    folder = data.cached("rms-statistics", stream, {"format": 1, **key}, build)
+    key = {"format": 1, **key, "n_stat_segments": n_segments,
+           "protocol": [protocol.segment_len, protocol.context_len, protocol.reset]}
+    folder = data.cached("rms-statistics", stream, key, build)
     tensors = load_file(str(folder / "rms.safetensors"))
     return [tensors[f"p{i}"] for i in range(len(tensors))]

@@ -164,10 +164,10 @@ class DynamicEvaluation:
         return torch._foreach_sqrt(torch._foreach_div(sums, float(n)))
 
     def use_stats(self, rms: Sequence[torch.Tensor]) -> None:
-        """The rms rule's statistics: sqrt(ms) of every parameter, in order (from gradient_stats or a cache)."""
-        rms = [r.to(p.device, p.dtype) for r, p in zip(rms, self.params)]
+        """The rms rule's statistics: sqrt(ms) of every parameter, in order (from mean_square_root or a cache)."""
         if len(rms) != len(self.params) or any(r.shape != p.shape for r, p in zip(rms, self.params)):
             raise TTABenchError("rms statistics do not match the adapted parameters; delete the cached statistics")
+        rms = [r.to(p.device, p.dtype) for r, p in zip(rms, self.params)]
         self.denom = torch._foreach_add(rms, self.eps)
         self.rms = rms if self.decay > 0 else None
 

@@ -195,32 +195,24 @@ class FWLDynamicEval(FastWeightLayers):
     def _gradient_stats(self, data):
         from tta_bench.evaluate import Protocol
 
-        protocol, n = self.protocol or Protocol(), self.params.n_stat_segments
-        stream = data.load(limit_tokens=n * protocol.segment_len)
+        p, protocol = self.params, self.protocol or Protocol()
 
-        def grads():
-            try:
-                for i, seg in enumerate(data.segments(stream, protocol)):
-                    if i == n:
-                        break
-                    if seg.start == 0:
-                        self.stream.reset()
-                    with torch.enable_grad():
-                        logprobs = F.log_softmax(self._fast_logits(seg), -1)
-                    yield self.dyn.grad(F.nll_loss(logprobs, seg.targets))
-                    if self.params.fast_state == "document":
-                        with torch.no_grad():
-                            self.stream.commit(seg.targets[-1:].view(1, 1))
-            finally:
+        def segment_grads(seg):
+            if seg.start == 0:
                 self.stream.reset()
+            with torch.enable_grad():
+                logprobs = F.log_softmax(self._fast_logits(seg), -1)
+            grads = self.dyn.grad(F.nll_loss(logprobs, seg.targets))
+            if p.fast_state == "document":
+                with torch.no_grad():
+                    self.stream.commit(seg.targets[-1:].view(1, 1))
+            return grads
 
-        p = self.params
         weights = [t for _, t in sorted(self.block.state_dict().items())] + [t for _, t in sorted(self._base.items())]
-        key = {"block": _digest(weights), "fast_state": p.fast_state, "chunk": p.chunk, "dyn_params": p.dyn_params,
-               "n_stat_segments": n, "protocol": [protocol.segment_len, protocol.context_len, protocol.reset]}
+        key = {"block": _digest(weights), "fast_state": p.fast_state, "chunk": p.chunk, "dyn_params": p.dyn_params}
         enabled, self.ledger.enabled = self.ledger.enabled, False
         try:
-            self.dyn.use_stats(rms_statistics(data, stream, key, grads))
+            self.dyn.use_stats(rms_statistics(data, protocol, p.n_stat_segments, key, segment_grads))
         finally:
             self.ledger.enabled = enabled
             self.stream.reset()
