@@ -6,6 +6,7 @@ only the books a run uses are downloaded; offline from `data_dir` with {train,va
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
 from tta_bench.data import Document, Task
@@ -17,8 +18,17 @@ from tta_bench.registry import register_task
 class PG19(Task):
     """PG-19 books (online via `datasets`, or a local copy in `data_dir`); prepare uses train."""
 
-    params = {"data_dir": None, "max_books": None}
+    @dataclass
+    class Params:
+        data_dir: str | None = None  # a local copy: {train,validation,test}/*.txt; null: download
+        max_books: int | None = None  # the first N books of each split
+
+        def problems(self) -> list[str]:
+            return [] if self.max_books is None or self.max_books >= 1 else [f"max_books must be >= 1, got {self.max_books}"]
     _folders = {"train": "train", "valid": "validation", "test": "test"}
+
+    def is_local(self, split: str) -> bool:
+        return bool(self.cfg["data_dir"])
 
     def problem(self, split: str) -> str | None:
         if split not in self.splits:

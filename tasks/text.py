@@ -1,7 +1,9 @@
 """Any local text: files or folders per split, one document per file or cut by a line pattern."""
 from __future__ import annotations
 
+import codecs
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tta_bench.data import Document, Task
@@ -13,7 +15,27 @@ from tta_bench.registry import register_task
 class LocalText(Task):
     """Local text files: `splits: {test: path, train: path}`; a file or a folder of files per split."""
 
-    params = {"splits": {}, "glob": "*.txt", "doc_pattern": None, "encoding": "utf-8"}
+    @dataclass
+    class Params:
+        splits: dict[str, str] = field(default_factory=dict)  # split name -> a file or folder
+        glob: str = "*.txt"  # the files of a folder
+        doc_pattern: str | None = None  # a regex: a line that matches starts a new document
+        encoding: str = "utf-8"
+
+        def problems(self) -> list[str]:
+            out = []
+            if self.doc_pattern is not None:
+                try:
+                    re.compile(self.doc_pattern)
+                except re.error as e:
+                    out.append(f"doc_pattern {self.doc_pattern!r} is not a valid regular expression ({e})")
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                out.append(f"encoding {self.encoding!r} is unknown; use e.g. utf-8 or latin-1")
+            if not self.glob:
+                out.append("glob must not be empty; e.g. *.txt")
+            return out
 
     def available_splits(self):
         return tuple(self.cfg["splits"])

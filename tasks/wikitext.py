@@ -8,7 +8,9 @@ Articles start at lines ` = Title = ` (one '=' each side); they are the document
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tta_bench.data import Document, Task, default_data_roots
 from tta_bench.errors import TTABenchError
@@ -39,7 +41,10 @@ def split_articles(text: str) -> list[Document]:
 class _WikiText(Task):
     dataset_config = ""
     folder = ""
-    params = {"data_dir": None, "online": "auto"}
+    @dataclass
+    class Params:
+        data_dir: str | None = None  # a folder with {train,valid,test}.txt; null: the default data roots
+        online: bool | Literal["auto"] = "auto"  # download with `datasets` when no local copy is found
 
     def _folder(self) -> Path | None:
         if self.cfg["data_dir"]:
@@ -71,6 +76,9 @@ class _WikiText(Task):
         if self._online() and self._folder() is None:
             return self.splits
         return tuple(s for s in self.splits if self._file(s) is not None)
+
+    def is_local(self, split: str) -> bool:
+        return self._file(split) is not None
 
     def problem(self, split: str) -> str | None:
         if split not in self.splits:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -109,25 +110,34 @@ class Unnormalised(Method):
 
 @register_method("leaky-split")
 class UnigramFromFile(Method):
-    """Leaky when `path` names evaluated data: a unigram mixture fitted in prepare on the text of `path`
-    (else on the prepare split, which is fine)."""
+    """Leaky when `path` names evaluated data: a unigram mixture fitted on the text of `path`, in
+    prepare or (`when: score`) at the first segment it scores (else on the prepare split, which is fine)."""
 
     @dataclass
     class Params:
         path: str = ""
         weight: float = 0.5
+        when: Literal["prepare", "score"] = "prepare"
 
     def prepare(self, data):
-        if self.params.path:
-            with open(self.params.path, encoding="utf-8") as f:
-                ids = self.lm.tokenizer.encode(f.read())[0]
-        else:
-            ids = [t for d in data.load().docs for t in d.ids]
+        self.unigram = None
+        if not self.params.path:
+            self._fit([t for d in data.load().docs for t in d.ids])
+        elif self.params.when == "prepare":
+            self._read()
+
+    def _read(self):
+        with open(self.params.path, encoding="utf-8") as f:
+            self._fit(self.lm.tokenizer.encode(f.read())[0])
+
+    def _fit(self, ids):
         counts = torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=self.lm.vocab_size).float() + 1
         self.unigram = (counts / counts.sum()).log().to(self.lm.device)
 
     @torch.no_grad()
     def score(self, seg):
+        if self.unigram is None:
+            self._read()
         lam = torch.tensor(self.params.weight)
         lp = self.lm.logprobs(seg.ids, seg.n)
         return torch.logaddexp(lp + torch.log1p(-lam), self.unigram + lam.log())

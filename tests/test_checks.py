@@ -184,12 +184,13 @@ def test_an_unnormalised_distribution_fails_normalisation_at_its_position(tiny_l
         assert report["checks"]["normalisation"]["details"][reset]["max_abs_logsumexp"] == pytest.approx(shift, abs=1e-5)
 
 
-def test_reading_the_evaluated_split_in_prepare_fails_split_separation(tiny_lm, task, leaky):
+@pytest.mark.parametrize("when", ["prepare", "score"])
+def test_reading_the_evaluated_split_in_prepare_or_while_scoring_fails_split_separation(tiny_lm, task, leaky, when):
     path = os.path.join(task["params"]["splits"]["test"], "doc1.txt")
-    problems = _passed_except(check_method(tiny_lm, "leaky-split", {"path": path}, task), "split_separation")
-    assert problems == [f"split_separation (leaky-split): prepare opened {os.path.realpath(path)} ({os.path.getsize(path)} bytes),"
-                        " a file the task reads for the evaluated split 'test' (and not for 'train'); prepare may use only"
-                        " PrepareData.load()"]
+    problems = _passed_except(check_method(tiny_lm, "leaky-split", {"path": path, "when": when}, task), "split_separation")
+    assert problems == [f"split_separation (leaky-split): {when} opened {os.path.realpath(path)} ({os.path.getsize(path)} bytes),"
+                        " a file the task reads for the evaluated split 'test' (and not for 'train'); a method reads data"
+                        " only through PrepareData.load() and the segments it is given"]
     # the same method fitted on what PrepareData serves is fine
     assert check_method(tiny_lm, "leaky-split", {}, task)["passed"]
 

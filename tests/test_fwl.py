@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -339,7 +340,7 @@ def test_checkpoint_of_another_model_is_refused(tiny_lm, tmp_path):
     from tta_bench.errors import TTABenchError
 
     block = FWBlock(FWLConfig(tiny_lm.hidden_size, 4, tiny_lm.vocab_size, 0.1))
-    save_checkpoint(tmp_path / "b.safetensors", block, {}, {"model": "someothermodel", "model_name": "other"})
+    save_checkpoint(tmp_path / "b.safetensors", block, {}, {"model": "someothermodel", "model_name": "other"}, np.zeros(0, np.uint64))
     with pytest.raises(TTABenchError, match="trained on model other"):
         make(tiny_lm, checkpoint=str(tmp_path / "b.safetensors"))
     (tmp_path / "c.safetensors").write_bytes(b"not a checkpoint")

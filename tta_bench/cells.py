@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -140,3 +141,15 @@ def build_cell(cell: Cell, lm, streams: StreamCache | None = None, *, progress: 
     finally:
         lm.ledger.enabled = count_flops
     return PreparedCell(cell, lm, protocol, method, params, data, stream, time.perf_counter() - t0)
+
+
+def selection_cells(cell: Cell) -> list[Cell]:
+    """A `select_on` cell's candidates, each on the selection split with a prepare split that is
+    neither the selection split nor the evaluated one."""
+    sel, task = cell.method["select_on"], cell.task
+    if sel == task["split"]:
+        raise TTABenchError(f"choosing a setting on the evaluated split '{sel}' is refused; set select_on to another split")
+    splits = [task["prepare_split"], *get("task", task["name"])(**task["params"]).available_splits()]
+    prep = next((s for s in splits if s and s not in (sel, task["split"])), None)
+    return [dataclasses.replace(cell, task={**task, "split": sel, "prepare_split": prep},
+                                method={"name": cell.method["name"], "params": params}) for params in cell.method["grid"]]

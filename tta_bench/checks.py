@@ -6,8 +6,9 @@
   boundary; both reset policies); no distribution at a position <= t may move beyond `atol`.
 - normalisation: every scored distribution sums to 1 (|logsumexp| <= `norm_tol`).
 - split separation: prepare gets the prepare split only (cells.prepare_data refuses the evaluated
-  one), opens none of the evaluated split's files (audit hook), and what it loaded shares no runs of
-  `overlap_k` tokens with the evaluated stream beyond `overlap_max`.
+  one); no phase of the cell (prepare, reset, score, adapt) opens a file the task reads only for the
+  evaluated split (audit hook); what prepare loaded shares no runs of `overlap_k` tokens with the
+  evaluated stream beyond `overlap_max` (`run` refuses any shared run before it starts: separation.py).
 - determinism: two fresh instances give the same nll_sum on CPU, and so does one after reset().
 - isolation: after close() the shared model has its weights and requires_grad flags back.
 """
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import TTABenchError
-from .probes import (CheckData, Snapshot, jsonable, max_change, opened_files, perturbed, real_paths, rng_state, set_rng,
+from .probes import (CheckData, Snapshot, files_by_phase, jsonable, max_change, opened_files, perturbed, real_paths, rng_state, set_rng,
                      shared_runs)
 
 CHECKS = ("causality", "normalisation", "split_separation", "determinism", "isolation")
@@ -60,7 +61,7 @@ class _Instance:
         with opened_files() as opened:
             self.built = build_cell(cell, lm, data=prep, load_stream=False, count_flops=False)
         self.method = self.built.method
-        self.opened = opened
+        self.opened_in = {"prepare": set(real_paths(opened))}  # phase -> files it opened
         self.rng = rng_state()
 
     def run(self, stream, base=None, t=None):
@@ -84,7 +85,8 @@ class _Instance:
                 rows[a:b] = max_change(lp[: b - a], base[a:b])
 
         set_rng(self.rng)
-        result = self.built.evaluate(observer=observe, stream=stream)
+        with files_by_phase(self.method, ("reset", "score", "adapt"), self.opened_in):
+            result = self.built.evaluate(observer=observe, stream=stream)
         return math.fsum(result.doc_nll), rows
 
     def close(self):
@@ -238,14 +240,16 @@ def check_method(lm, method, params=None, task: dict | None = None, seed: int = 
 
         # split separation
         sep = results["split_separation"]
-        opened = real_paths(p for inst in instances for p in inst.opened)
         sep["details"] = {"evaluated_split": data.split, "prepare_split": data.prep,
                           "evaluated_files": sorted(eval_files),
                           "loads": [{"split": st.split, "docs": len(st.docs), "tokens": st.n_tokens} for st in data.loads]}  # per prepare
-        for path in sorted(opened & eval_files):
-            fail("split_separation",
-                 f"prepare opened {path} ({os.path.getsize(path)} bytes), a file the task reads for the evaluated split"
-                 f" '{data.split}' (and not for '{data.prep}'); prepare may use only PrepareData.load()")
+        for phase in ("prepare", "reset", "score", "adapt"):
+            opened = set().union(*(inst.opened_in.get(phase, set()) for inst in instances))
+            for path in sorted(opened & eval_files):
+                fail("split_separation",
+                     f"{phase} opened {path} ({os.path.getsize(path)} bytes), a file the task reads for the evaluated split"
+                     f" '{data.split}' (and not for '{data.prep}'); a method reads data only through PrepareData.load()"
+                     " and the segments it is given")
         if data.loads:
             evaluated = data.evaluated_stream()
             shared = total = 0

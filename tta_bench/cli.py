@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import TTABenchError
+from .errors import RunFailed, TTABenchError
 
 
 def _cmd_run(args) -> int:
@@ -24,8 +24,12 @@ def _cmd_check(args) -> int:
 
 def _cmd_validate(args) -> int:
     from .config import read_yaml, validate
+    from .registry import IMPORTED
 
+    before = len(IMPORTED)
     cfg, problems = validate(read_yaml(args.bench), args.bench)
+    if IMPORTED[before:]:  # validating a plugin's parameters runs its code: say so
+        print(f"imported plugin code: {', '.join(dict.fromkeys(IMPORTED[before:]))}", file=sys.stderr)
     if problems:
         print(f"{args.bench}: {len(problems)} problem{'s' if len(problems) > 1 else ''}", file=sys.stderr)
         for p in problems:
@@ -115,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except RunFailed as e:  # the other cells and the leaderboard were written
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except TTABenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

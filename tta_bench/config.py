@@ -16,9 +16,9 @@ TOP_KEYS = {"run", "output_dir", "device", "dtype", "seeds", "protocol", "limits
             "methods", "plugins", "progress", "check"}
 PROTOCOL_KEYS = {"segment_len", "context_len", "reset"}
 LIMIT_KEYS = {"docs", "tokens"}
-MODEL_KEYS = {"name", "label", "revision", "source"}
 TASK_KEYS = {"name", "label", "split", "prepare_split"}
 DTYPES = ("float32", "bfloat16", "float16")
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -97,6 +97,8 @@ def _unknown(keys, allowed, where, problems):
 
 def _entries(raw, where, problems) -> list[dict]:
     """A list of `name` strings or dicts with a `name`, normalised to dicts."""
+    if raw is None:
+        return []  # a missing key: reported once, at the end
     if isinstance(raw, (str, dict)):
         raw = [raw]
     if not isinstance(raw, list) or not raw:
@@ -114,6 +116,28 @@ def _entries(raw, where, problems) -> list[dict]:
     return out
 
 
+def _unique_key_loader():
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error (yaml keeps the last)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:
+                    continue  # an unhashable key: the base class reports it
+                if first != key_node.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' is given twice (lines {first} and {key_node.start_mark.line + 1}); keep one",
+                        key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    return Loader
+
+
 def read_yaml(path: str) -> dict:
     import yaml
 
@@ -121,7 +145,7 @@ def read_yaml(path: str) -> dict:
     if not p.is_file():
         raise TTABenchError(f"bench file {path} does not exist; give the path to a bench YAML file")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_unique_key_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -138,7 +162,8 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
     """Check everything that can be checked without loading a model or data; return all problems."""
     from . import registry
     from .method import method_class
-    from .models import check_model_ref
+    from .models import check_model_ref, model_param_problems
+    from .separation import check_task_text
 
     problems: list[str] = []
     _unknown(raw, TOP_KEYS, "", problems)
@@ -166,8 +191,10 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
                 setattr(cfg, key, raw[key])
     seeds = raw.get("seeds", [0])
     seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        problems.append("seeds: must be a non-negative integer or a non-empty list of them")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in seeds):
+        problems.append(f"seeds: must be an integer in [0, {MAX_SEED}] (numpy's seed range) or a non-empty list of them")
+    elif len(set(seeds)) < len(seeds):
+        problems.append("seeds: a seed is listed twice; list each once")
     else:
         cfg.seeds = seeds
 
@@ -215,11 +242,15 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
     for i, m in enumerate(_entries(raw.get("models"), "models", problems)):
         if m is None:
             continue
-        _unknown(m, MODEL_KEYS, f"models[{i}].", problems)
         problem = check_model_ref(m["name"])
         if problem:
             problems.append(f"models[{i}]: {problem}")
-        cfg.models.append({k: m[k] for k in sorted(m) if k in MODEL_KEYS})
+            continue
+        given = {k: v for k, v in m.items() if k not in ("name", "label")}
+        errs = model_param_problems(m["name"], given, f"models[{i}]")
+        problems.extend(errs)
+        if not errs:
+            cfg.models.append({k: m[k] for k in sorted(m)})
 
     for i, t in enumerate(_entries(raw.get("tasks"), "tasks", problems)):
         if t is None:
@@ -231,8 +262,14 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
             problems.append(f"{where}: {e}")
             continue
         params = {k: v for k, v in t.items() if k not in TASK_KEYS}
-        _unknown(params, set(task_cls.params), f"{where}.", problems)
-        if any(k not in task_cls.params for k in params):
+        _, errs = task_cls.make_params(params, where)
+        if errs:
+            problems.extend(errs)
+            continue
+        bad = [f"{where}.{k}: must be a non-empty string, got {t[k]!r}" for k in ("split", "prepare_split", "label")
+               if k in t and not (isinstance(t[k], str) and t[k])]
+        if bad:
+            problems.extend(bad)
             continue
         task = task_cls(**params)
         split = t.get("split", "test")
@@ -245,6 +282,10 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
             problems.append(f"{where}.prepare_split: must differ from the evaluated split '{split}' (SPEC 2)")
         elif t.get("prepare_split") and task.problem(prep):
             problems.append(f"{where}.prepare_split: {task.problem(prep)}")
+        elif prep is not None and task.is_local(split) and task.is_local(prep):
+            problem = check_task_text(task, split, prep, where)
+            if problem:
+                problems.append(problem)
         cfg.tasks.append({"name": task_cls.registry_name, "split": split, "prepare_split": prep,
                           "params": params, **({"label": t["label"]} if "label" in t else {})})
 
@@ -252,6 +293,9 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
         if m is None:
             continue
         where = f"methods[{i}]"
+        if "label" in m and not (isinstance(m["label"], str) and m["label"].strip()):
+            problems.append(f"{where}.label: must be a non-empty string, got {m['label']!r}")
+            continue
         try:
             cls = method_class(m["name"])
         except TTABenchError as e:
@@ -295,10 +339,31 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
                 entry["label"] = m["label"]
             cfg.methods.append(entry)
 
+    problems.extend(_label_problems(cfg.methods))
     for k in ("models", "tasks", "methods"):
         if k not in raw:
             problems.append(f"{k}: missing; list at least one")
     return (None if problems else cfg), problems
+
+
+def _label_problems(methods: list[dict]) -> list[str]:
+    """A leaderboard row is one setting: a label shared by two settings would merge them as if they
+    were seeds, and the row labelled `none` is every ratio's baseline."""
+    out, settings = [], {}
+    for m in methods:
+        label = Cell({}, {}, m, 0, {}, {}, "", "").label
+        setting = json.dumps({k: v for k, v in m.items() if k != "label"}, sort_keys=True)
+        if not isinstance(label, str) or not label:
+            out.append(f"methods: label {label!r} must be a non-empty string")
+        elif label == "none" and m["name"] != "none":
+            out.append(f"methods: '{m['name']}' is labelled 'none', the baseline's name; choose another label")
+        elif label in settings and settings[label] != setting:
+            out.append(f"methods: label '{label}' is given to two different settings ({settings[label]} and {setting});"
+                       " give each its own label")
+        elif label in settings:
+            out.append(f"methods: '{label}' is listed twice; list each setting once")
+        settings.setdefault(label, setting)
+    return out
 
 
 def load(path: str) -> BenchConfig:

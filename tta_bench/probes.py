@@ -17,41 +17,32 @@ import json
 import math
 import os
 import random
-import sys
 from contextlib import contextmanager
 
 from .errors import TTABenchError
-
-
-_OPENED: list | None = None
-_HOOKED = False
-
-
-def _audit(event, args):
-    if _OPENED is not None and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
-        _OPENED.append(os.path.abspath(os.fsdecode(args[0])))
+from .separation import opened_files, real_paths  # noqa: F401  (the checks import them from here)
 
 
 @contextmanager
-def opened_files():
-    """Record the path of every file this process opens inside the block (audit hooks cannot be
-    removed, so one is installed once and idles outside the block)."""
-    global _OPENED, _HOOKED
-    if not _HOOKED:
-        sys.addaudithook(_audit)
-        _HOOKED = True
-    outer, _OPENED = _OPENED, []
-    seen = _OPENED
+def files_by_phase(method, phases, opened_in: dict):
+    """Inside the block, the files each of the method's `phases` (e.g. score, adapt) opens are added
+    to opened_in[phase]."""
+    def watched(fn, phase):
+        def call(*args):
+            with opened_files() as seen:
+                out = fn(*args)
+            opened_in.setdefault(phase, set()).update(real_paths(seen))
+            return out
+
+        return call
+
+    for phase in phases:
+        setattr(method, phase, watched(getattr(type(method), phase).__get__(method), phase))
     try:
-        yield seen
+        yield
     finally:
-        if outer is not None:
-            outer.extend(seen)
-        _OPENED = outer
-
-
-def real_paths(paths) -> set[str]:
-    return {os.path.realpath(p) for p in paths}
+        for phase in phases:
+            delattr(method, phase)
 
 
 # -- data ---------------------------------------------------------------------------------------

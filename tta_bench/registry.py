@@ -75,7 +75,16 @@ class Registry:
         if entry is None:
             raise TTABenchError(f"unknown {self.kind} '{name}': {did_you_mean(normalize(name), self.names())}")
         if entry.obj is None:
-            entry.loader()
+            try:
+                entry.loader()
+            except TTABenchError:
+                raise
+            except Exception as e:  # plugin code: one line that names its file, not a traceback
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                raise TTABenchError(f"importing {self.kind} '{name}' from {entry.source} failed ({type(e).__name__}: {first});"
+                                    " fix that file or remove it from `plugins:`") from None
+            if not entry.source.startswith(str(_REPO_ROOT)):
+                IMPORTED.append(entry.source)
             entry = self.entries[normalize(name)]
             if entry.obj is None:
                 raise TTABenchError(f"{entry.source} did not register {self.kind} '{name}' when imported")
@@ -83,6 +92,7 @@ class Registry:
 
 
 REGISTRIES = {k: Registry(k) for k in KINDS}
+IMPORTED: list[str] = []  # plugin files from outside this repository imported so far (`validate` lists them)
 _scanned: set[str] = set()
 
 
@@ -235,8 +245,8 @@ def discover(extra_paths: list[str] | tuple[str, ...] = ()) -> None:
             continue
         if not path.exists():
             raise TTABenchError(f"plugin path {p} does not exist; fix `plugins:` or $TTA_BENCH_PLUGINS")
-        _scanned.add(str(path))
         _scan_folder(path, None)
+        _scanned.add(str(path))  # only once it scanned cleanly: a broken file is reported every time
     if "entry_points" not in _scanned:
         _scanned.add("entry_points")
         for kind in ("method", "task"):
@@ -255,3 +265,71 @@ def get(kind: str, name: str) -> Any:
 def describe(kind: str) -> list[tuple[str, str]]:
     discover()
     return [(e.name, e.description) for e in sorted(REGISTRIES[kind].entries.values(), key=lambda e: e.name)]
+
+
+def _package_top(file: Path) -> Path | None:
+    """The outermost plugin package folder holding `file` (never a scanned root such as methods/)."""
+    roots = {Path(p) for p in _scanned if p != "entry_points"}
+    top, folder = None, file.parent
+    while (folder / "__init__.py").is_file() and folder not in roots and folder != folder.parent:
+        top, folder = folder, folder.parent
+    return top
+
+
+def _code_files(file: Path, seen: set) -> None:
+    """`file`, its package's files, and those of the built-in packages it imports (absolutely, or
+    relatively beyond its package), recursively."""
+    top = _package_top(file)
+    files = sorted(top.rglob("*.py")) if top else [file]
+    new = [f for f in files if f not in seen]
+    seen.update(new)
+    for f in new:
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom) or not node.module:
+                continue
+            parts = node.module.split(".")
+            if node.level == 0 and parts[0] in _BUILTIN_PACKAGES.values():
+                kind = next(k for k, v in _BUILTIN_PACKAGES.items() if v == parts[0])
+                base = _builtin_folder(kind)
+                target = base.joinpath(*parts[1:]) if base else None
+            elif node.level > 1:
+                target = f.parent.joinpath(*[".."] * (node.level - 1), *parts).resolve()
+            else:
+                continue
+            for cand in (target, target.with_suffix(".py") if target else None):
+                if cand is not None and cand.is_dir() and (cand / "__init__.py").is_file():
+                    _code_files(cand / "__init__.py", seen)
+                elif cand is not None and cand.is_file():
+                    _code_files(cand, seen)
+
+
+def code_fingerprint(kind: str, name: str) -> str:
+    """sha256 of the source of a registered method or task: its file, or its whole package, and the
+    built-in packages that code imports. Part of every cell's resume key."""
+    import inspect
+
+    obj = get(kind, name)
+    try:
+        file = Path(inspect.getsourcefile(obj)).resolve()
+    except (TypeError, OSError):
+        return "unknown"
+    seen: set = set()
+    _code_files(file, seen)
+    h = hashlib.sha256()
+    for f in sorted(seen):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def harness_fingerprint() -> str:
+    """sha256 of the harness's own source (tta_bench/*.py)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]

@@ -3,6 +3,7 @@ atomically, with provenance."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -13,23 +14,67 @@ from pathlib import Path
 
 from .errors import TTABenchError
 
-SCHEMA = "tta-bench/cell/v1"
+SCHEMA = "tta-bench/cell/v2"  # v2: status (ok | failed) and resume_key
 _REPO = Path(__file__).resolve().parent.parent
 
 
-def atomic_write(path: Path, text: str) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, data: str | bytes | None = None, write=None) -> None:
+    """Write `data` (or call `write(tmp_path)`) into a temporary file beside `path`, then rename it
+    over `path`: readers see the old file or the new one, never half of one. The file gets the
+    permissions of a plain open() (0666 less the umask), not mkstemp's 0600."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        os.fchmod(fd, 0o666 & ~_umask())
+        if write is None:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            os.close(fd)
+            write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+class RunLock:
+    """One run at a time per results folder: a second one stops at once with a message naming the
+    first. The lock file lives in the cache, not in the results folder."""
+
+    def __init__(self, run_dir: Path):
+        from .data import cache_dir
+
+        key = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+        self.run_dir, self.path = run_dir, cache_dir() / "locks" / f"{key}.lock"
+
+    def __enter__(self):
+        from filelock import FileLock, Timeout
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(str(self.path))
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            holder = self.path.with_suffix(".pid")
+            who = holder.read_text().strip() if holder.exists() else "another process"
+            raise TTABenchError(f"another tta-bench run ({who}) is writing {self.run_dir}; wait for it to finish, or"
+                                " set a different `run:`") from None
+        self.path.with_suffix(".pid").write_text(f"pid {os.getpid()} on {platform.node()}")
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
 
 
 def writable_problem(folder: Path) -> str | None:
@@ -53,15 +98,32 @@ def cell_path(run_dir: Path, cell_id: str) -> Path:
     return run_dir / "cells" / f"{cell_id}.json"
 
 
-def load_cells(run_dir: Path) -> list[dict]:
+def read_cell(path: Path) -> tuple[dict | None, str | None]:
+    """(record, None), or (None, why it cannot be used): unreadable, truncated, or of another shape."""
+    try:
+        rec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"unreadable ({type(e).__name__}: {str(e)[:80]})"
+    if not isinstance(rec, dict) or rec.get("schema") != SCHEMA:
+        return None, f"not a {SCHEMA} record"
+    status = rec.get("status")
+    need = ("cell_id", "label", "config", "resume_key") + (("metrics", "costs", "resolved", "stream") if status == "ok" else ())
+    missing = [k for k in need if not isinstance(rec.get(k), dict if k in ("config", "resume_key", "metrics", "costs", "resolved", "stream") else str)]
+    if status not in ("ok", "failed") or missing:
+        return None, f"malformed (status {status!r}; missing {', '.join(missing) or 'nothing'})"
+    return rec, None
+
+
+def load_cells(run_dir: Path, notes: list | None = None) -> list[dict]:
+    """Every usable cell record of a run folder; each file that cannot be used adds a note instead."""
     cells = []
     for f in sorted((Path(run_dir) / "cells").glob("*.json")):
-        try:
-            rec = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise TTABenchError(f"cell file {f} is unreadable ({e}); delete it and rerun to recompute it") from None
-        if rec.get("schema") == SCHEMA:
-            cells.append(rec)
+        rec, why = read_cell(f)
+        if rec is None:
+            if notes is not None:
+                notes.append(f"skipped {f}: {why}; `run` recomputes it")
+            continue
+        cells.append(rec)
     return cells
 
 

@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 from . import config as config_mod
-from .cells import StreamCache, build_cell
-from .errors import TTABenchError
-from .results import SCHEMA, atomic_write, cell_path, device_name, provenance, writable_problem
+from .cells import StreamCache, build_cell, selection_cells
+from .resume import resume_key, stale_reason
+from .errors import RunFailed, TTABenchError
+from .results import SCHEMA, RunLock, atomic_write, cell_path, device_name, provenance, writable_problem
 
 
 def _peak_reset(device) -> None:
@@ -166,20 +167,6 @@ def make_record(built, result) -> dict:
     }
 
 
-def selection_cells(cell: config_mod.Cell) -> list[config_mod.Cell]:
-    """A `select_on` cell's candidates, each on the selection split with a prepare split that is
-    neither the selection split nor the evaluated one."""
-    from .registry import get
-
-    sel, task = cell.method["select_on"], cell.task
-    if sel == task["split"]:
-        raise TTABenchError(f"choosing a setting on the evaluated split '{sel}' is refused; set select_on to another split")
-    splits = [task["prepare_split"], *get("task", task["name"])(**task["params"]).available_splits()]
-    prep = next((s for s in splits if s and s not in (sel, task["split"])), None)
-    return [dataclasses.replace(cell, task={**task, "split": sel, "prepare_split": prep},
-                                method={"name": cell.method["name"], "params": params}) for params in cell.method["grid"]]
-
-
 def run_selected(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool = True, observer=None, log=None) -> dict:
     """A `select_on` cell: evaluate every grid setting on the selection split (never the evaluated one),
     then the evaluated split with the setting of lowest NLL; the record says which split chose."""
@@ -206,55 +193,115 @@ def run_selected(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool
 
 
 def run(path: str, force: bool = False, progress: bool | None = None, log=print, check: bool | None = None) -> Path:
-    """Run every cell of the bench file not yet finished; return the run folder. With check (or the
-    bench's `check: true`) each cell's record also holds the validity checks of its setting (SPEC 6)."""
+    """Run every cell of the bench file that has no current result; return the run folder. A cell
+    that fails is recorded as failed and the others still run; `RunFailed` is raised at the end
+    when any did. With check (or the bench's `check: true`) each cell's record also holds the
+    validity checks of its setting (SPEC 6)."""
+    from .models import resolve_device
+
     cfg = config_mod.load(path)
     check = cfg.check if check is None else check
     preflight(cfg)
-    from .models import resolve_device
-
     device = resolve_device(cfg.device)
     cells = config_mod.expand(cfg, device.type)
-    run_dir = cfg.run_dir
-    todo = [c for c in cells if force or not cell_path(run_dir, c.cell_id).exists()]
-    log(f"{len(cells)} cells in {run_dir}: {len(cells) - len(todo)} done, {len(todo)} to run")
-    show = cfg.progress if progress is None else progress
-    streams = StreamCache()
-    for lm, group in by_model(todo, device, cfg.dtype, log):
-        for i, cell in enumerate(group, 1):
-            log(f"[{i}/{len(group)}] {cell.label} on {cell.task['name']}:{cell.task['split']} seed {cell.seed}")
-            record = run_cell(cell, lm, streams, progress=show, log=log)
-            if check:
-                from .checks import check_cell, failures
+    run_dir, show, streams = cfg.run_dir, cfg.progress if progress is None else progress, StreamCache()
+    models = ModelCache(device, cfg.dtype, log)
+    keys = {}
+    for group in by_model(cells).values():  # everything is checked before anything is computed
+        lm = models.get(group[0].model)
+        for c in group:
+            keys[c.cell_id] = resume_key(c, lm, streams)
+    failed = []
+    with RunLock(run_dir):
+        todo, notes = [], []
+        for c in cells:
+            why = None if force else stale_reason(cell_path(run_dir, c.cell_id), keys[c.cell_id])
+            if force or why:
+                todo.append(c)
+                if why and why != "new":
+                    notes.append(f"{c.label}: {why}")
+        log(f"{len(cells)} cells in {run_dir}: {len(cells) - len(todo)} done, {len(todo)} to run")
+        for n in notes:
+            log(f"  recomputing {n}")
+        for group in by_model(todo).values():
+            lm = models.get(group[0].model)
+            for i, cell in enumerate(group, 1):
+                log(f"[{i}/{len(group)}] {cell.label} on {cell.task['name']}:{cell.task['split']} seed {cell.seed}")
+                record = _run_or_fail(cell, lm, streams, show, log, check, run_dir)
+                record["resume_key"] = keys[cell.cell_id]
+                atomic_write(cell_path(run_dir, cell.cell_id), json.dumps(record, indent=1, sort_keys=False))
+                if record["status"] == "failed":
+                    failed.append(cell.label)
+                    log(f"    FAILED: {record['reason']} (traceback in {record['log']})")
+                    continue
+                m, c = record["metrics"], record["costs"]
+                log(f"    token ppl {_num(m['token_ppl'], '.3f')}  bits/byte {_num(m['bits_per_byte'], '.4f')}  "
+                    f"{c['gflops_per_token']:.3f} GFLOPs/token  {c['tokens_per_second'] or 0:.0f} tok/s")
+        from .leaderboard import write_leaderboard
 
-                record["checks"] = check_cell(cell, record, lm)
-                log("    checks: " + ("all pass" if record["checks"]["passed"] else "FAILED: " + "; ".join(failures(record["checks"]))))
-            atomic_write(cell_path(run_dir, cell.cell_id), json.dumps(record, indent=1, sort_keys=False))
-            m, c = record["metrics"], record["costs"]
-            log(f"    token ppl {m['token_ppl']:.3f}  bits/byte {m['bits_per_byte']:.4f}  "
-                f"{c['gflops_per_token']:.3f} GFLOPs/token  {c['tokens_per_second'] or 0:.0f} tok/s")
-    from .leaderboard import write_leaderboard
-
-    outputs = write_leaderboard(run_dir)
-    for o in outputs:
-        log(f"wrote {o}")
+        for o in write_leaderboard(run_dir, cell_ids={c.cell_id for c in cells}, log=log):
+            log(f"wrote {o}")
+    if failed:
+        raise RunFailed(f"{len(failed)} of {len(cells)} cells failed ({', '.join(failed)}); their records and logs are in"
+                        f" {run_dir / 'cells'}; a rerun retries them")
     return run_dir
 
 
-def by_model(cells: list, device, dtype: str, log=print):
-    """(loaded LM, its cells) for each model of the cells, loading one model at a time."""
-    from .models import load_model
+def _num(v, spec):
+    return "n/a" if v is None else format(v, spec)
 
+
+def _run_or_fail(cell, lm, streams, show, log, check, run_dir) -> dict:
+    """The cell's record; an exception in it gives a failed record and a traceback file, so the
+    bench goes on (KeyboardInterrupt still stops the run)."""
+    import traceback
+
+    try:
+        record = run_cell(cell, lm, streams, progress=show, log=log)
+        record["status"] = "ok"
+    except Exception as e:
+        log_path = cell_path(run_dir, cell.cell_id).with_suffix(".log")
+        atomic_write(log_path, traceback.format_exc())
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return {"schema": SCHEMA, "cell_id": cell.cell_id, "label": cell.label, "config": cell.as_dict(),
+                "status": "failed", "reason": f"{type(e).__name__}: {reason}"[:500], "log": log_path.name,
+                "provenance": provenance(lm.device, cell.seed)}
+    if check:
+        from .checks import check_cell, failures
+
+        record["checks"] = check_cell(cell, record, lm)
+        log("    checks: " + ("all pass" if record["checks"]["passed"] else "FAILED: " + "; ".join(failures(record["checks"]))))
+    return record
+
+
+def by_model(cells: list) -> dict[str, list]:
+    """The cells of each model, in order."""
     groups: dict[str, list] = {}
     for c in cells:
         groups.setdefault(json.dumps(c.model, sort_keys=True), []).append(c)
-    for model_key, group in groups.items():
-        spec = json.loads(model_key)
-        t0 = time.perf_counter()
-        extra = {k: v for k, v in spec.items() if k in ("revision", "source")}
-        lm = load_model(spec["name"], device=str(device), dtype=dtype, **extra)
-        log(f"loaded {spec['name']} ({lm.source}) on {device} in {time.perf_counter() - t0:.1f}s")
-        yield lm, group
+    return groups
+
+
+class ModelCache:
+    """Loads one model at a time and keeps the last one: the checks before a run and the run itself
+    share it."""
+
+    def __init__(self, device, dtype: str, log=print):
+        self.device, self.dtype, self.log = device, dtype, log
+        self.key, self.lm = None, None
+
+    def get(self, spec: dict):
+        from .models import load_model
+
+        key = json.dumps(spec, sort_keys=True)
+        if key != self.key:
+            self.lm = None  # free the previous model first
+            t0 = time.perf_counter()
+            extra = {k: v for k, v in spec.items() if k not in ("name", "label")}
+            self.lm = load_model(spec["name"], device=str(self.device), dtype=self.dtype, **extra)
+            self.key = key
+            self.log(f"loaded {spec['name']} ({self.lm.source}) on {self.device} in {time.perf_counter() - t0:.1f}s")
+        return self.lm
 
 
 def prepare(path: str, progress: bool | None = None, log=print) -> int:
@@ -268,8 +315,13 @@ def prepare(path: str, progress: bool | None = None, log=print) -> int:
     show = cfg.progress if progress is None else progress
     if device.type == "cpu":
         _retain_freed_memory()  # as in `run`: training allocates the same large buffers every step
-    streams, t_all = StreamCache(), time.perf_counter()
-    for lm, group in by_model(cells, device, cfg.dtype, log):
+    streams, t_all, models = StreamCache(), time.perf_counter(), ModelCache(device, cfg.dtype, log)
+    for group in by_model(cells).values():
+        lm = models.get(group[0].model)
+        for c in group:
+            resume_key(c, lm, streams)  # split separation, before anything is trained
+    for group in by_model(cells).values():
+        lm = models.get(group[0].model)
         jobs = []
         for c in group:  # a selection cell: its candidates, and each setting as the final cell would run it
             jobs += [c] if "grid" not in c.method else selection_cells(c) + [

@@ -26,11 +26,13 @@ from tta_bench.errors import TTABenchError
 from tta_bench.flops import fvcore_count
 from tta_bench.method import Method
 from tta_bench.registry import register_method
+from tta_bench.separation import stream_runs
 from tta_bench_methods.dynamic_eval.method import rms_statistics
 from tta_bench_methods.dynamic_eval.update import DynamicEvaluation, update_rule_problems
 
 from .block import FWStream, commit_pass, score_pass
-from .train import FORMAT, TrainConfig, load_checkpoint, save_checkpoint, train_block, train_fields
+from .train import (FORMAT, TrainConfig, load_checkpoint, recorded_training_runs, save_checkpoint, train_block,
+                    train_fields)
 
 QUICK = {"size": 8, "train_tokens": 600, "val_tokens": 100, "train_window": 32, "train_seq_len": 64,
          "train_steps": 4, "eval_every": 0}
@@ -61,6 +63,16 @@ class FastWeightLayers(Method):
         self.info: dict = {}
         self.model = None  # a private copy of the base model when its top blocks were fine-tuned
 
+    @classmethod
+    def given_files(cls, params):
+        return [params.checkpoint] if params.checkpoint else []
+
+    @classmethod
+    def given_data(cls, params):
+        if not params.checkpoint:
+            return []
+        return [(f"FWL checkpoint {params.checkpoint} (its recorded training data)", recorded_training_runs(params.checkpoint))]
+
     # -- prepare ------------------------------------------------------------------------------------
     def prepare(self, data):
         p = self.params
@@ -74,7 +86,7 @@ class FastWeightLayers(Method):
 
             def train(folder):
                 block, base, info = train_block(self.lm, p, stream, data, progress=data.progress, log=data.log)
-                save_checkpoint(folder / "block.safetensors", block, base, info)
+                save_checkpoint(folder / "block.safetensors", block, base, info, stream_runs([d.ids for d in stream.docs]))
                 return {k: info[k] for k in ("train_seconds", "train_tokens", "best_step", "val_nll")}
 
             folder = data.cached("fwl-block", stream, {"format": FORMAT, "train": train_fields(p)}, train)

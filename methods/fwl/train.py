@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +27,7 @@ from tta_bench.errors import TTABenchError
 from .block import FAST, FWBlock, FWLConfig, FWState
 
 FORMAT = "tta_bench.fwl/1"
+TRAIN_RUNS = "train.runs"  # the checkpoint's record of its training data (run hashes, int64 bits)
 
 
 @dataclass
@@ -80,11 +82,14 @@ def train_fields(obj) -> dict:
     return out
 
 
-def save_checkpoint(path: Path, block: FWBlock, base_params: dict[str, torch.Tensor], info: dict) -> None:
+def save_checkpoint(path: Path, block: FWBlock, base_params: dict[str, torch.Tensor], info: dict, train_runs) -> None:
+    """`train_runs`: run hashes of the training tokens (tta_bench.separation.stream_runs), kept so
+    that a cell given this checkpoint can be refused when they overlap its evaluated stream."""
     from safetensors.torch import save_file
 
     tensors = {f"block.{k}": v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
     tensors.update({f"base.{k}": v.detach().cpu().contiguous() for k, v in base_params.items()})
+    tensors[TRAIN_RUNS] = torch.from_numpy(np.ascontiguousarray(train_runs).view(np.int64))
     meta = {"format": FORMAT, "config": json.dumps(dataclasses.asdict(block.cfg)), "info": json.dumps(info)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -106,8 +111,27 @@ def load_checkpoint(path, device="cpu") -> tuple[FWBlock, dict[str, torch.Tensor
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     block = FWBlock(FWLConfig(**json.loads(meta["config"])))
     block.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("block.")})
+    info = json.loads(meta["info"])
     base = {k[5:]: v for k, v in tensors.items() if k.startswith("base.")}
-    return block.to(device), base, json.loads(meta["info"])
+    return block.to(device), base, info
+
+
+def recorded_training_runs(path) -> "np.ndarray":
+    """The run hashes of a checkpoint's training tokens; refuses a checkpoint that has no record."""
+    from safetensors import safe_open
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TTABenchError(f"FWL checkpoint {path} does not exist; fix `checkpoint`, or leave it empty to train one in prepare")
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception:  # safetensors' own error types
+        raise TTABenchError(f"{path} is not a tta-bench FWL checkpoint (not a safetensors file); leave `checkpoint` empty to train one") from None
+    with f:
+        if TRAIN_RUNS not in f.keys():
+            raise TTABenchError(f"FWL checkpoint {path} has no record of its training data, so its separation from the"
+                                " evaluated text cannot be checked; retrain it (leave `checkpoint` empty)")
+        return f.get_tensor(TRAIN_RUNS).numpy().view(np.uint64)
 
 
 def init_block(lm, tc: TrainConfig) -> FWBlock:

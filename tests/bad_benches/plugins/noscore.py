@@ -1,0 +1,11 @@
+"""A plugin method that forgot score() (tests/bad_benches/plugin_method_without_score.yaml)."""
+from tta_bench import register_method
+from tta_bench.method import Method
+
+
+@register_method("no-score")
+class NoScore(Method):
+    """Adapts but never scores."""
+
+    def adapt(self, seg):
+        pass
