@@ -25,6 +25,19 @@ def _text(seed: int, n: int) -> str:
     return "\n".join(" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(n // 10)) + "\n"
 
 
+@pytest.fixture(autouse=True)
+def _forget_bad_plugins():
+    """The registry lives as long as the process: drop what these plugins registered, so that later
+    tests (which check every registered method) never meet them."""
+    from tta_bench import registry
+
+    yield
+    for reg in registry.REGISTRIES.values():
+        for key in [k for k, e in reg.entries.items() if "bad_benches" in e.source]:
+            del reg.entries[key]
+    registry._scanned.difference_update({p for p in registry._scanned if "bad_benches" in p})
+
+
 @pytest.fixture()
 def folder(tmp_path):
     test = _text(0, 400)

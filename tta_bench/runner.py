@@ -213,6 +213,8 @@ def run(path: str, force: bool = False, progress: bool | None = None, log=print,
             keys[c.cell_id] = resume_key(c, lm, streams)
     failed = []
     with RunLock(run_dir):
+        for tmp in (run_dir / "cells").glob(".*.tmp*"):  # left by a run killed mid-write; never read
+            tmp.unlink()
         todo, notes = [], []
         for c in cells:
             why = None if force else stale_reason(cell_path(run_dir, c.cell_id), keys[c.cell_id])
