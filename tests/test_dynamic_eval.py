@@ -312,3 +312,14 @@ def test_smollm2_sgd_lowers_wikitext2_perplexity():
     none, dyn = (run_cell(c, lm, streams, progress=False) for c in expand(cfg, "cpu"))
     assert dyn["stream"]["fingerprint"] == none["stream"]["fingerprint"]
     assert dyn["metrics"]["token_ppl"] <= 0.75 * none["metrics"]["token_ppl"]
+
+
+def test_the_default_step_size_follows_the_variant():
+    """rms steps are per unit of normalised gradient: its default is far below sgd's (1e-3 diverges)."""
+    from tta_bench.method import method_class
+
+    for name, key, variant in (("dynamic-eval", "lr", "variant"), ("fwl-dynamic-eval", "dyn_lr", "dyn_variant")):
+        cls = method_class(name)
+        assert getattr(cls.make_params({variant: "sgd"})[0], key) == 1e-3
+        assert getattr(cls.make_params({variant: "rms"})[0], key) == 3e-5
+        assert getattr(cls.make_params({variant: "rms", key: "1e-4"})[0], key) == 1e-4

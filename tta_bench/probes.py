@@ -125,19 +125,13 @@ def shared_runs(loaded, evaluated, k: int) -> tuple[int, int]:
     """(tokens of `loaded` inside a run of k tokens that also occurs in `evaluated`, tokens of `loaded`)."""
     import numpy as np
 
-    powers = np.uint64(1_000_003) ** np.arange(k, dtype=np.uint64)  # wraps mod 2^64: a rolling hash
+    from .separation import run_hashes, stream_runs
 
-    def grams(ids):
-        a = np.asarray(ids, dtype=np.uint64)
-        if len(a) < k:
-            return np.zeros(0, dtype=np.uint64)
-        return (np.lib.stride_tricks.sliding_window_view(a, k) * powers).sum(1)
-
-    ev = np.unique(np.concatenate([grams(d.ids) for d in evaluated.docs] or [np.zeros(0, np.uint64)]))
+    ev = stream_runs([d.ids for d in evaluated.docs], k)
     shared = total = 0
     for d in loaded.docs:
         total += len(d.ids)
-        hit = np.isin(grams(d.ids), ev).astype(np.int64)
+        hit = np.isin(run_hashes(d.ids, k), ev).astype(np.int64)
         if hit.any():  # a hit at i covers tokens i .. i+k-1
             shared += int((np.convolve(hit, np.ones(k, dtype=np.int64))[: len(d.ids)] > 0).sum())
     return shared, total

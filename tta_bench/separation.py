@@ -19,7 +19,6 @@ import numpy as np
 from .errors import TTABenchError
 
 RUN = 32
-_POWERS = np.uint64(1_000_003) ** np.arange(RUN, dtype=np.uint64)  # wraps mod 2^64
 
 
 def run_hashes(ids, k: int = RUN) -> np.ndarray:
@@ -28,12 +27,13 @@ def run_hashes(ids, k: int = RUN) -> np.ndarray:
     if len(a) < k:
         return np.zeros(0, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        return (np.lib.stride_tricks.sliding_window_view(a, k) * _POWERS[:k]).sum(1, dtype=np.uint64)
+        powers = np.uint64(1_000_003) ** np.arange(k, dtype=np.uint64)  # wraps mod 2^64
+        return (np.lib.stride_tricks.sliding_window_view(a, k) * powers).sum(1, dtype=np.uint64)
 
 
-def stream_runs(docs) -> np.ndarray:
+def stream_runs(docs, k: int = RUN) -> np.ndarray:
     """Sorted unique run hashes of documents given as id lists (runs never cross a document boundary)."""
-    parts = [run_hashes(ids) for ids in docs]
+    parts = [run_hashes(ids, k) for ids in docs]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
 
 
@@ -118,7 +118,8 @@ def check_task_text(task, split: str, prep: str | None, name: str) -> str | None
     hit = first_overlap(stream_runs(prep_ids), ev_ids, prep_ids)
     if hit is None:
         return None
-    return f"{name}: " + _describe(f"the prepare split '{prep}'", hit, [d.title for d in ev_docs], "words") + " (SPEC 2)"
+    return (f"{name}: " + _describe(f"the prepare split '{prep}'", hit, [d.title for d in ev_docs], "words")
+            + f" of the evaluated split '{split}'; point them at disjoint text (SPEC 2)")
 
 
 def check_streams(evaluated, prepared, given: list[tuple[str, np.ndarray]] = ()) -> None:

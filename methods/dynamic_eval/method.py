@@ -28,7 +28,7 @@ from tta_bench.flops import dispatch_flops
 from tta_bench.method import Method
 from tta_bench.registry import register_method
 
-from .update import DynamicEvaluation, parse_selection, select_parameters, update_rule_problems
+from .update import DEFAULT_LR, DynamicEvaluation, parse_selection, select_parameters, update_rule_problems
 
 
 @register_method("dynamic-eval")
@@ -38,12 +38,16 @@ class DynamicEval(Method):
     @dataclass
     class Params:
         variant: Literal["sgd", "rms"] = "sgd"
-        lr: float = 1e-3  # sgd: step size; rms: step per unit of normalised gradient (smollm2: 3e-5 with eps 1e-3)
+        lr: float | None = None  # sgd: step size; rms: step per unit of normalised gradient; null: DEFAULT_LR[variant]
         decay: float = 0.0  # pull toward the original weights at every step
-        eps: float = 1e-5  # rms: added to sqrt(ms)
+        eps: float = 1e-3  # rms: added to sqrt(ms), so a parameter with tiny gradients never takes a huge step
         params: str = "all"  # all | last N (blocks) | a regex on parameter names
         n_stat_segments: int = 100  # rms: prepare-split segments for the gradient statistics
         context_grad: bool = False  # also back-propagate through the context (else its KV cache is fixed)
+
+        def __post_init__(self):
+            if self.lr is None:
+                self.lr = DEFAULT_LR.get(self.variant)
 
         def problems(self) -> list[str]:
             out = update_rule_problems(self.lr, self.decay, self.eps, self.n_stat_segments)

@@ -41,6 +41,9 @@ from tta_bench.errors import TTABenchError
 from tta_bench.flops import dispatch_flops
 
 VARIANTS = ("sgd", "rms")
+# Default step sizes, per variant: rms divides each gradient by its rms over the prepare split, so its
+# step is per unit of normalised gradient and must be far smaller (1e-3 diverges on smollm2-135m).
+DEFAULT_LR = {"sgd": 1e-3, "rms": 3e-5}
 _LAST = re.compile(r"^last[\s_:-]*(\d+)(\s*blocks?)?$", re.IGNORECASE)
 
 

@@ -28,7 +28,7 @@ from tta_bench.method import Method
 from tta_bench.registry import register_method
 from tta_bench.separation import stream_runs
 from tta_bench_methods.dynamic_eval.method import rms_statistics
-from tta_bench_methods.dynamic_eval.update import DynamicEvaluation, update_rule_problems
+from tta_bench_methods.dynamic_eval.update import DEFAULT_LR, DynamicEvaluation, update_rule_problems
 
 from .block import FWStream, commit_pass, score_pass
 from .train import (FORMAT, TrainConfig, load_checkpoint, recorded_training_runs, save_checkpoint, train_block,
@@ -178,10 +178,14 @@ class FWLDynamicEval(FastWeightLayers):
     class Params(FastWeightLayers.Params):
         dyn_params: Literal["block", "all"] = "block"  # the block's weights (not its step sizes), or those and the base's
         dyn_variant: Literal["sgd", "rms"] = "sgd"
-        dyn_lr: float = 1e-3
+        dyn_lr: float | None = None  # null: DEFAULT_LR[dyn_variant], as dynamic-eval's lr
         dyn_decay: float = 0.0
-        dyn_eps: float = 1e-5
+        dyn_eps: float = 1e-3
         n_stat_segments: int = 100  # rms: prepare-split segments for the gradient statistics
+
+        def __post_init__(self):
+            if self.dyn_lr is None:
+                self.dyn_lr = DEFAULT_LR.get(self.dyn_variant)
 
         def problems(self) -> list[str]:
             return FastWeightLayers.Params.problems(self) + update_rule_problems(
