@@ -253,3 +253,22 @@ def test_typed_parameters_refuse_what_yaml_gives_wrongly():
     assert coerce("maybe", bool | Literal["auto"])[0] is False and coerce("auto", bool | Literal["auto"])[0]
     assert coerce({"test": "a"}, dict[str, str]) == (True, {"test": "a"}) and coerce({"test": 5}, dict[str, str])[0] is False
     assert coerce(np.float64(0.5), float) == (True, 0.5)
+
+
+def test_the_first_shared_run_is_found_as_a_naive_search_finds_it():
+    from tta_bench.separation import RUN, contains, first_overlap, stream_runs
+
+    rng = np.random.default_rng(0)
+    runs = np.unique(rng.integers(0, 2**63, 5000, dtype=np.uint64))
+    probe = np.concatenate([runs[::7], rng.integers(0, 2**63, 500, dtype=np.uint64)])
+    assert (contains(runs, probe) == np.isin(probe, runs)).all()
+    prep = [list(rng.integers(0, 50, 300)) for _ in range(3)]
+    for planted in (None, (1, 40), (2, 0)):  # (evaluated document, position) of a copied run
+        ev = [list(rng.integers(50, 100, 200)) for _ in range(3)]
+        if planted:
+            d, pos = planted
+            ev[d][pos:pos + RUN] = prep[2][100:100 + RUN]
+        naive = next(((i, j) for i, ids in enumerate(ev) for j in range(len(ids) - RUN + 1)
+                      if any(p[k:k + RUN] == ids[j:j + RUN] for p in prep for k in range(len(p) - RUN + 1))), None)
+        assert first_overlap(stream_runs(prep), ev, prep) == naive == planted
+    assert first_overlap(stream_runs(prep), [prep[1]], prep) == (0, None)  # a whole shared document

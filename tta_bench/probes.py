@@ -125,13 +125,13 @@ def shared_runs(loaded, evaluated, k: int) -> tuple[int, int]:
     """(tokens of `loaded` inside a run of k tokens that also occurs in `evaluated`, tokens of `loaded`)."""
     import numpy as np
 
-    from .separation import run_hashes, stream_runs
+    from .separation import contains, run_hashes, stream_runs
 
     ev = stream_runs([d.ids for d in evaluated.docs], k)
     shared = total = 0
     for d in loaded.docs:
         total += len(d.ids)
-        hit = np.isin(run_hashes(d.ids, k), ev).astype(np.int64)
+        hit = contains(ev, run_hashes(d.ids, k)).astype(np.int64)
         if hit.any():  # a hit at i covers tokens i .. i+k-1
             shared += int((np.convolve(hit, np.ones(k, dtype=np.int64))[: len(d.ids)] > 0).sum())
     return shared, total

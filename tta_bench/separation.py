@@ -37,6 +37,14 @@ def stream_runs(docs, k: int = RUN) -> np.ndarray:
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
 
 
+def contains(sorted_runs: np.ndarray, runs: np.ndarray) -> np.ndarray:
+    """Which of `runs` occur in `sorted_runs` (sorted, unique): a binary search each."""
+    if len(sorted_runs) == 0:
+        return np.zeros(len(runs), dtype=bool)
+    idx = np.minimum(np.searchsorted(sorted_runs, runs), len(sorted_runs) - 1)
+    return sorted_runs[idx] == runs
+
+
 def doc_hash(ids) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
@@ -48,7 +56,7 @@ def first_overlap(prepared_runs: np.ndarray, evaluated_docs, prepared_docs=None)
     for i, ids in enumerate(evaluated_docs):
         if len(ids) and doc_hash(ids) in whole:
             return i, None
-        hit = np.nonzero(np.isin(run_hashes(ids), prepared_runs))[0]
+        hit = np.nonzero(contains(prepared_runs, run_hashes(ids)))[0]
         if len(hit):
             return i, int(hit[0])
     return None
