@@ -1,7 +1,9 @@
 """The move of each method into its own home changed no result: every built-in method, with each of
 its options, on the tiny model under three protocols, gives the nll_sum recorded before the move
 (commit 86f763a, one thread). Observed bit-identical; asserted to 1e-9 relative, far below any
-adaptation effect here (fwl moves nll_sum by 0.4%, knn-cache by 20%)."""
+adaptation effect here (fwl moves nll_sum by 0.4%, knn-cache by 20%). Three protocol-C values moved
+by under 1e-8 relative later, when dynamic evaluation stopped computing with the backward that
+FlopCounterMode watches (its kernels round differently); each says so where it is recorded."""
 from __future__ import annotations
 
 import json
@@ -44,10 +46,10 @@ RECORDED = {
     'B/none': 3743.405200481415,
     'C/cache': 3163.1581716537476,
     'C/dyn-ctxgrad-last1': 3740.052785396576,
-    'C/dyn-rms': 3143.232453584671,
-    'C/dyn-sgd': 3683.309965610504,
+    'C/dyn-rms': 3143.2324274778366,  # was 3143.232453584671: flops no longer counted on the backward that is used
+    'C/dyn-sgd': 3683.3099751472473,  # was 3683.309965610504: flops no longer counted on the backward that is used
     'C/fwl-document': 3727.8564314842224,
-    'C/fwl-dyn-rms-all': 3087.180060148239,
+    'C/fwl-dyn-rms-all': 3087.1800532341003,  # was 3087.180060148239: flops no longer counted on the backward that is used
     'C/fwl-dyn-sgd': 3725.6742124557495,
     'C/fwl-top1': 3610.848484992981,
     'C/fwl-window': 3729.15292263031,
@@ -81,13 +83,13 @@ QF = {"size": 8, "train_tokens": 600, "val_tokens": 100, "train_window": 32, "tr
 S = {
  "none": {"name": "none"},
  "dyn-sgd": {"name": "dynamic-eval", "n_stat_segments": 2},
- "dyn-rms": {"name": "dynamic-eval", "variant": "rms", "lr": 1e-4, "n_stat_segments": 2},
+ "dyn-rms": {"name": "dynamic-eval", "variant": "rms", "lr": 1e-4, "eps": 1e-5, "n_stat_segments": 2},  # eps: the default before 1e-3
  "dyn-ctxgrad-last1": {"name": "dynamic-eval", "context_grad": True, "params": "last 1", "decay": 0.1},
  "fwl-window": {"name": "fwl", **QF},
  "fwl-document": {"name": "fwl", **QF, "fast_state": "document"},
  "fwl-top1": {"name": "fwl", **QF, "top_blocks": 1},
  "fwl-dyn-sgd": {"name": "fwl-dynamic-eval", **QF, "n_stat_segments": 2},
- "fwl-dyn-rms-all": {"name": "fwl-dynamic-eval", **QF, "n_stat_segments": 2, "dyn_variant": "rms", "dyn_lr": 1e-4, "dyn_params": "all", "fast_state": "document"},
+ "fwl-dyn-rms-all": {"name": "fwl-dynamic-eval", **QF, "n_stat_segments": 2, "dyn_variant": "rms", "dyn_lr": 1e-4, "dyn_eps": 1e-5, "dyn_params": "all", "fast_state": "document"},
  "knn-exact": {"name": "knn-lm", "k": 16, "datastore_tokens": 2000},
  "knn-hidden-online": {"name": "knn-lm", "k": 16, "datastore_tokens": 2000, "key": "hidden", "online": True},
  "knn-ivfpq": {"name": "knn-lm", "k": 16, "datastore_tokens": 2000, "index": "ivfpq", "nlist": 4, "code_size": 8, "nprobe": 2},

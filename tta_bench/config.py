@@ -3,6 +3,7 @@ The keys and their meaning are in the README's bench.yaml reference."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -13,7 +14,7 @@ from pathlib import Path
 from .errors import TTABenchError, did_you_mean
 
 TOP_KEYS = {"run", "output_dir", "device", "dtype", "seeds", "protocol", "limits", "models", "tasks",
-            "methods", "plugins", "progress", "check"}
+            "methods", "plugins", "progress", "check", "executor"}
 PROTOCOL_KEYS = {"segment_len", "context_len", "reset"}
 LIMIT_KEYS = {"docs", "tokens"}
 TASK_KEYS = {"name", "label", "split", "prepare_split"}
@@ -79,6 +80,7 @@ class BenchConfig:
     plugins: list = field(default_factory=list)
     progress: bool = True
     check: bool = False
+    executor: dict = field(default_factory=lambda: {"name": "local"})
 
     @property
     def run_dir(self) -> Path:
@@ -197,6 +199,19 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
         problems.append("seeds: a seed is listed twice; list each once")
     else:
         cfg.seeds = seeds
+
+    ex = raw.get("executor", "local")
+    ex = {"name": ex} if isinstance(ex, str) else ex
+    if not isinstance(ex, dict):
+        problems.append("executor: must be local, ray, slurm, or a mapping with `name` and settings")
+    else:
+        from .executors import ExecutorParams
+        from .params import make_params
+
+        typed, errs = make_params(ExecutorParams, ex, "executor", "the executor")
+        problems.extend(errs)
+        if typed is not None:
+            cfg.executor = dataclasses.asdict(typed)
 
     proto = raw.get("protocol", {}) or {}
     if not isinstance(proto, dict):

@@ -86,14 +86,14 @@ def run_cell(cell: config_mod.Cell, lm, streams: StreamCache, progress: bool = T
     return make_record(built, evaluate_cell(built, progress, observer))
 
 
-def evaluate_cell(built, progress: bool = False, observer=None):
+def evaluate_cell(built, progress: bool = False, observer=None, stream=None):
     """Evaluate a built cell as `run` does (freed memory kept in the heap, peak memory counted from
     here), then close it: the loaded model is shared by the next cells."""
     if built.lm.device.type == "cpu":
         _retain_freed_memory()
     try:
         _peak_reset(built.lm.device)
-        return built.evaluate(progress=progress, observer=observer)
+        return built.evaluate(progress=progress, observer=observer, stream=stream)
     finally:
         built.close()
 
@@ -125,7 +125,10 @@ def make_record(built, result) -> dict:
     flops_per_token = {k: v / n_tokens for k, v in costs["flops"].items()}
     timed = result.seconds[1:] if len(result.seconds) > 1 else result.seconds
     timed_tokens = sum(result.seg_tokens[1:]) if len(result.seconds) > 1 else sum(result.seg_tokens)
-    eval_s = sum(timed)
+    eval_s, eval_all, warmup = sum(timed), sum(result.seconds), len(result.seconds) - len(timed)
+    if "ranks" in result.extra:  # documents shared out by torchrun: the slowest rank's time, all ranks' tokens
+        eval_s, eval_all, timed_tokens, warmup = (result.extra[k] for k in ("eval_seconds", "eval_seconds_all",
+                                                                           "timed_tokens", "warmup_segments"))
 
     docs = stream.docs
     d_nll, d_tok = result.doc_nll, result.doc_tokens
@@ -152,8 +155,8 @@ def make_record(built, result) -> dict:
             "unsupported_ops": costs["unsupported_ops"],
             "flop_convention": "fvcore: one multiply-add = one flop; backward/update via FlopCounterMode halved",
             "eval_seconds": eval_s,
-            "eval_seconds_all": sum(result.seconds),
-            "warmup_segments_excluded": len(result.seconds) - len(timed),
+            "eval_seconds_all": eval_all,
+            "warmup_segments_excluded": warmup,
             "tokens_per_second": timed_tokens / eval_s if eval_s > 0 else None,
             "timer": "cuda_events" if device.type == "cuda" else "perf_counter",
             "peak_memory_bytes": peak,
@@ -196,64 +199,112 @@ def run(path: str, force: bool = False, progress: bool | None = None, log=print,
     """Run every cell of the bench file that has no current result; return the run folder. A cell
     that fails is recorded as failed and the others still run; `RunFailed` is raised at the end
     when any did. With check (or the bench's `check: true`) each cell's record also holds the
-    validity checks of its setting (SPEC 6)."""
+    validity checks of its setting (SPEC 6). Under torchrun each cell's documents are shared out
+    among the processes (sharded.py); with `executor: ray | slurm` the (model, task, seed) groups
+    run as remote jobs (executors.py)."""
     from .models import resolve_device
+    from .sharded import run_sharded, world_size
 
     cfg = config_mod.load(path)
     check = cfg.check if check is None else check
+    if world_size() > 1:
+        return run_sharded(cfg, force, progress, log)
     preflight(cfg)
     device = resolve_device(cfg.device)
     cells = config_mod.expand(cfg, device.type)
-    run_dir, show, streams = cfg.run_dir, cfg.progress if progress is None else progress, StreamCache()
-    models = ModelCache(device, cfg.dtype, log)
-    keys = {}
-    for group in by_model(cells).values():  # everything is checked before anything is computed
-        lm = models.get(group[0].model)
-        for c in group:
-            keys[c.cell_id] = resume_key(c, lm, streams)
-    failed = []
+    run_dir = cfg.run_dir
+    if cfg.executor["name"] == "local":
+        worker = Worker(cfg, device, progress, check, log)
+        keys = worker.keys(cells)  # everything is checked before anything is computed
     with RunLock(run_dir):
         for tmp in (run_dir / "cells").glob(".*.tmp*"):  # left by a run killed mid-write; never read
             tmp.unlink()
-        todo, notes = [], []
-        for c in cells:
-            why = None if force else stale_reason(cell_path(run_dir, c.cell_id), keys[c.cell_id])
-            if force or why:
-                todo.append(c)
-                if why and why != "new":
-                    notes.append(f"{c.label}: {why}")
-        log(f"{len(cells)} cells in {run_dir}: {len(cells) - len(todo)} done, {len(todo)} to run")
-        for n in notes:
-            log(f"  recomputing {n}")
-        for group in by_model(todo).values():
-            lm = models.get(group[0].model)
-            for i, cell in enumerate(group, 1):
-                log(f"[{i}/{len(group)}] {cell.label} on {cell.task['name']}:{cell.task['split']} seed {cell.seed}")
-                record = _run_or_fail(cell, lm, streams, show, log, check, run_dir)
-                record["resume_key"] = keys[cell.cell_id]
-                atomic_write(cell_path(run_dir, cell.cell_id), json.dumps(record, indent=1, sort_keys=False))
-                if record["status"] == "failed":
-                    failed.append(cell.label)
-                    log(f"    FAILED: {record['reason']} (traceback in {record['log']})")
-                    continue
-                m, c = record["metrics"], record["costs"]
-                log(f"    token ppl {_num(m['token_ppl'], '.3f')}  bits/byte {_num(m['bits_per_byte'], '.4f')}  "
-                    f"{c['gflops_per_token']:.3f} GFLOPs/token  {c['tokens_per_second'] or 0:.0f} tok/s")
+        if cfg.executor["name"] == "local":
+            records = worker.run(cells, keys, force)
+        else:
+            from .executors import run_remote
+
+            records = run_remote(cfg, cells, force, check, log)
         from .leaderboard import write_leaderboard
 
         for o in write_leaderboard(run_dir, cell_ids={c.cell_id for c in cells}, log=log):
             log(f"wrote {o}")
+    failed = [r["label"] for r in records if r["status"] == "failed"]
     if failed:
         raise RunFailed(f"{len(failed)} of {len(cells)} cells failed ({', '.join(failed)}); their records and logs are in"
                         f" {run_dir / 'cells'}; a rerun retries them")
     return run_dir
 
 
+class Worker:
+    """Runs cells in this process: checks them (resume keys, split separation), skips those with a
+    current result, runs the rest one model at a time, and writes each record as it finishes
+    (`write=False`: returns them only, for a driver without this machine's filesystem)."""
+
+    def __init__(self, cfg, device, progress=None, check=False, log=print, write=True):
+        self.cfg, self.check, self.log, self.write = cfg, check, log, write
+        self.show = cfg.progress if progress is None else progress
+        self.models, self.streams = ModelCache(device, cfg.dtype, log), StreamCache()
+
+    def keys(self, cells) -> dict:
+        keys = {}
+        for group in by_model(cells).values():
+            lm = self.models.get(group[0].model)
+            for c in group:
+                keys[c.cell_id] = resume_key(c, lm, self.streams)
+        return keys
+
+    def todo(self, cells, keys, force, done: dict | None = None) -> list:
+        """Cells without a current result here, or (`done`: cell id -> resume key) elsewhere."""
+        run_dir, todo = self.cfg.run_dir, []
+        for c in cells:
+            why = None if force else stale_reason(cell_path(run_dir, c.cell_id), keys[c.cell_id])
+            if why == "new" and (done or {}).get(c.cell_id) == keys[c.cell_id]:
+                continue
+            if force or why:
+                todo.append(c)
+                if why and why != "new":
+                    self.log(f"  recomputing {c.label}: {why}")
+        self.log(f"{len(cells)} cells in {run_dir}: {len(cells) - len(todo)} done, {len(todo)} to run")
+        return todo
+
+    def run(self, cells, keys, force=False, done: dict | None = None) -> list[dict]:
+        records = []
+        for group in by_model(self.todo(cells, keys, force, done)).values():
+            lm = self.models.get(group[0].model)
+            for i, cell in enumerate(group, 1):
+                self.log(f"[{i}/{len(group)}] {cell.label} on {cell.task['name']}:{cell.task['split']} seed {cell.seed}")
+                record = _run_or_fail(cell, lm, self.streams, self.show, self.log, self.check)
+                record["resume_key"] = keys[cell.cell_id]
+                if self.write:
+                    write_record(self.cfg.run_dir, record)
+                records.append(record)
+                self.log(record_summary(record))
+        return records
+
+
+def write_record(run_dir: Path, record: dict) -> None:
+    """The cell file, and a failed cell's traceback in the log beside it."""
+    record = dict(record)
+    trace = record.pop("traceback", None)
+    if trace is not None:
+        atomic_write(cell_path(run_dir, record["cell_id"]).with_suffix(".log"), trace)
+    atomic_write(cell_path(run_dir, record["cell_id"]), json.dumps(record, indent=1, sort_keys=False))
+
+
+def record_summary(record: dict) -> str:
+    if record["status"] == "failed":
+        return f"    FAILED: {record['reason']} (traceback in {record['log']})"
+    m, c = record["metrics"], record["costs"]
+    return (f"    token ppl {_num(m['token_ppl'], '.3f')}  bits/byte {_num(m['bits_per_byte'], '.4f')}  "
+            f"{c['gflops_per_token']:.3f} GFLOPs/token  {c['tokens_per_second'] or 0:.0f} tok/s")
+
+
 def _num(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
-def _run_or_fail(cell, lm, streams, show, log, check, run_dir) -> dict:
+def _run_or_fail(cell, lm, streams, show, log, check) -> dict:
     """The cell's record; an exception in it gives a failed record and a traceback file, so the
     bench goes on (KeyboardInterrupt still stops the run)."""
     import traceback
@@ -262,12 +313,10 @@ def _run_or_fail(cell, lm, streams, show, log, check, run_dir) -> dict:
         record = run_cell(cell, lm, streams, progress=show, log=log)
         record["status"] = "ok"
     except Exception as e:
-        log_path = cell_path(run_dir, cell.cell_id).with_suffix(".log")
-        atomic_write(log_path, traceback.format_exc())
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return {"schema": SCHEMA, "cell_id": cell.cell_id, "label": cell.label, "config": cell.as_dict(),
-                "status": "failed", "reason": f"{type(e).__name__}: {reason}"[:500], "log": log_path.name,
-                "provenance": provenance(lm.device, cell.seed)}
+                "status": "failed", "reason": f"{type(e).__name__}: {reason}"[:500], "log": f"{cell.cell_id}.log",
+                "traceback": traceback.format_exc(), "provenance": provenance(lm.device, cell.seed)}
     if check:
         from .checks import check_cell, failures
 

@@ -15,6 +15,7 @@ cached by the harness (keyed by model, data, protocol and the adapted parameters
 prepare` computes them once."""
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 from dataclasses import dataclass
@@ -111,12 +112,10 @@ class DynamicEval(Method):
         # it (matmuls and attention, halved: the same convention), once per shape.
         key = (tuple(ids.shape), n)
         counting = lm.ledger.enabled
-        if counting and key not in self._segment_flops:
-            hs = []
-            self._segment_flops[key] = dispatch_flops(lambda: hs.append(self._segment(ids[:, -n:], kv)))
-            h = hs[0]
-        else:
-            h = self._segment(ids[:, -n:], kv)
+        if counting and key not in self._segment_flops:  # counted on a copy, thrown away: see DynamicEvaluation.grad
+            scratch = copy.deepcopy(kv)  # the forward appends to the cache it is given
+            self._segment_flops[key] = dispatch_flops(lambda: self._segment(ids[:, -n:], scratch))
+        h = self._segment(ids[:, -n:], kv)
         if counting:
             lm.ledger.add("forward.body", self._segment_flops[key])
         return F.log_softmax(lm.logits(h), dim=-1)

@@ -181,11 +181,11 @@ class DynamicEvaluation:
         lookups, self._lookups = self._lookups, []
         wrt = self.params + [leaf for _, leaf in lookups]
         counting = ledger is not None and ledger.enabled
-        grads = []
         if counting and key not in self._backward_flops:
-            self._backward_flops[key] = dispatch_flops(lambda: grads.extend(torch.autograd.grad(loss, wrt, allow_unused=True)))
-        else:
-            grads.extend(torch.autograd.grad(loss, wrt, allow_unused=True))
+            # counted on a backward of its own, thrown away: under the counting mode kernels may round
+            # differently, and a document's gradients must not depend on what ran before it
+            self._backward_flops[key] = dispatch_flops(lambda: torch.autograd.grad(loss, wrt, allow_unused=True, retain_graph=True))
+        grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
         if counting:
             ledger.add("adapt.backward", self._backward_flops[key])
         grads, leaf_grads = grads[:len(self.params)], grads[len(self.params):]
