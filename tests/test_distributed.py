@@ -14,6 +14,9 @@ from tests.conftest import REPO, write_bench
 from tta_bench import runner
 
 METHODS = ["none", {"name": "dynamic-eval", "lr": 0.01}]
+# Workers run a group on `cpus: 1` thread; the local reference runs on one thread too, so that the
+# float reductions, and the results, are the same bit for bit.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _results(run_dir) -> dict:
@@ -32,8 +35,8 @@ def _run(bench):
 
 @pytest.fixture()
 def local(tmp_path, corpus):
-    (tmp_path / "local").mkdir()
-    return _results(_run(write_bench(tmp_path / "local", corpus, seeds=[0, 1], methods=METHODS)))
+    (tmp_path / "reference").mkdir()
+    return _results(_run(write_bench(tmp_path / "reference", corpus, seeds=[0, 1], methods=METHODS)))
 
 
 def test_ray_runs_the_groups_on_a_local_instance_as_the_local_executor_does(tmp_path, corpus, local):
@@ -51,8 +54,8 @@ def test_ray_runs_the_groups_on_a_local_instance_as_the_local_executor_does(tmp_
 @pytest.mark.parametrize("cluster", ["local", "debug"])
 def test_submitit_runs_the_groups_as_the_local_executor_does(tmp_path, corpus, local, cluster):
     pytest.importorskip("submitit")
-    (tmp_path / cluster).mkdir()
-    bench = write_bench(tmp_path / cluster, corpus, seeds=[0, 1], methods=METHODS,
+    (tmp_path / f"submitit-{cluster}").mkdir()
+    bench = write_bench(tmp_path / f"submitit-{cluster}", corpus, seeds=[0, 1], methods=METHODS,
                         executor={"name": "slurm", "cluster": cluster, "shared_fs": cluster == "local"})
     assert _results(_run(bench)) == local
 
@@ -91,3 +94,24 @@ def test_torchrun_refuses_reset_never(tmp_path, corpus):
     assert "cannot be shared out across processes" in out.stderr
     assert str(REPO / "tta_bench") not in out.stderr  # one line from each rank; the only traceback is torchrun's own
     assert not (tmp_path / "results").exists()
+
+
+def test_a_requeued_slurm_job_skips_the_cells_it_already_wrote(tmp_path, corpus):
+    """submitit requeues a preempted job with the same arguments (checkpoint); the rerun finds the
+    cells written before the preemption and runs only the rest."""
+    pytest.importorskip("submitit")
+    from tta_bench.config import expand, load
+    from tta_bench.executors import _GroupJob, groups
+
+    bench = write_bench(tmp_path, corpus, methods=METHODS, executor="slurm")
+    cfg = load(str(bench))
+    (group,) = groups(expand(cfg, "cpu"))
+    args = (cfg.raw, str(bench), [c.cell_id for c in group], False, False, {}, True)
+    job = _GroupJob()
+    again = job.checkpoint(*args)
+    assert again.function is job and again.args == args
+    first = job(*args[:2], [group[0].cell_id], *args[3:])  # preempted after the first cell
+    assert [r["label"] for r in first] == ["none"]
+    rest = again.function(*again.args)
+    assert [r["label"] for r in rest] == ["dynamic-eval(lr=0.01)"]
+    assert len(list((tmp_path / "results" / "t" / "cells").glob("*.json"))) == 2

@@ -55,9 +55,12 @@ def work_group(raw: dict, path: str, cell_ids: list[str], force: bool, check: bo
     from .models import resolve_device
     from .runner import Worker
 
+    import torch
+
     cfg, problems = validate(raw, path)
     if problems:
         raise TTABenchError(f"{path}: {problems[0]}")
+    torch.set_num_threads(cfg.executor["cpus"])  # the group's share of the machine, wherever it lands
     device = resolve_device(cfg.device)
     cells = [c for c in expand(cfg, device.type) if c.cell_id in set(cell_ids)]
     worker = Worker(cfg, device, progress=False, check=check, write=write)
