@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tta_bench.cells import StreamCache, build_cell  # noqa: E402
 from tta_bench.config import expand, validate  # noqa: E402
 from tta_bench.models import load_model  # noqa: E402
-from tta_bench.runner import evaluate_cell, make_record  # noqa: E402
+from tta_bench.cellrun import evaluate_cell, make_record  # noqa: E402
 
 # rms: the best on WikiText-2 valid (statistics from its first 100 segments, scored on the 10,000 tokens
 # after them) of lr 3e-6, 1e-5, 3e-5 with eps 1e-5 (3e-5 diverged), 1e-5 with eps 1e-4, 1e-5, 3e-5 with eps 1e-3.

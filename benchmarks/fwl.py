@@ -104,7 +104,7 @@ def main() -> int:
     from tta_bench.cells import StreamCache
     from tta_bench.config import expand, validate
     from tta_bench.models import load_model
-    from tta_bench.runner import run_cell
+    from tta_bench.cellrun import run_cell
     from tta_bench_methods.fwl.block import FWBlock
     from tta_bench_methods.fwl.train import TrainConfig, load_checkpoint
 

@@ -24,7 +24,7 @@ def main() -> int:
     from tta_bench.models import load_model
     from tta_bench.registry import describe
     from tta_bench.cells import StreamCache
-    from tta_bench.runner import run_cell
+    from tta_bench.cellrun import run_cell
 
     if not torch.cuda.is_available():
         print("no CUDA device")

@@ -66,7 +66,7 @@ def harness(tokens_limit: int, seg: int) -> tuple[float, int]:
     from tta_bench.config import expand, validate
     from tta_bench.models import load_model
     from tta_bench.cells import StreamCache
-    from tta_bench.runner import run_cell
+    from tta_bench.cellrun import run_cell
 
     cfg, problems = validate({"models": ["smollm2-135m"], "tasks": ["wikitext-2"], "methods": ["none"], "device": "cpu",
                               "protocol": {"segment_len": seg, "context_len": 1}, "limits": {"tokens": tokens_limit}})

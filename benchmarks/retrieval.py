@@ -36,7 +36,7 @@ def main():
     from tta_bench.cells import StreamCache, build_cell
     from tta_bench.config import expand, validate
     from tta_bench.models import load_model
-    from tta_bench.runner import prepare_summary, run_cell
+    from tta_bench.cellrun import prepare_summary, run_cell
     from tta_bench.results import device_name
 
     knn, cache = json.loads(args.knn), json.loads(args.cache)

@@ -186,7 +186,7 @@ def test_reset_policy(lm):
 
 def test_runner_leaves_shared_model_unchanged(lm, corpus, tmp_path):
     from tta_bench.config import expand, load
-    from tta_bench.runner import StreamCache, run_cell
+    from tta_bench.cellrun import StreamCache, run_cell
 
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     cfg = load(str(write_bench(tmp_path, corpus, methods=[{"name": "dynamic-eval", "lr": 0.05}, "none"])))
@@ -263,7 +263,7 @@ def test_parameter_selection(lm):
 
 def test_select_on_picks_best_on_the_other_split(corpus, tmp_path):
     from tta_bench.config import expand, load, read_yaml, validate
-    from tta_bench.runner import StreamCache, run_cell
+    from tta_bench.cellrun import StreamCache, run_cell
 
     grid = {"name": "dynamic-eval", "lr": [1e-4, 0.03, 0.3], "decay": 0.01}
     bad = write_bench(tmp_path, corpus, methods=[{**grid, "select_on": "test"}])
@@ -300,7 +300,7 @@ def test_smollm2_sgd_lowers_wikitext2_perplexity():
     stream as Krause et al. (reset never): SGD on all parameters with lr 1e-3 lowers token perplexity
     by at least 25% against none."""
     from tta_bench.config import expand, validate
-    from tta_bench.runner import StreamCache, run_cell
+    from tta_bench.cellrun import StreamCache, run_cell
 
     raw = {"device": "cpu", "progress": False, "models": ["smollm2-135m"],
            "protocol": {"segment_len": 128, "context_len": 1, "reset": "never"}, "limits": {"tokens": 20000},

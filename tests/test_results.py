@@ -4,7 +4,7 @@ import json
 import pytest
 
 from tests.conftest import write_bench
-from tta_bench import runner
+from tta_bench import cellrun, runner
 
 
 def _run(bench, **kw):
@@ -33,7 +33,7 @@ def test_cells_are_complete_records_and_a_rerun_resumes(tmp_path, corpus, monkey
 
     mtimes = {f: f.stat().st_mtime_ns for f in files}
     calls = []
-    monkeypatch.setattr(runner, "run_cell", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(cellrun, "run_cell", lambda *a, **k: calls.append(1))
     _run(bench)
     assert calls == [] and {f: f.stat().st_mtime_ns for f in files} == mtimes
     monkeypatch.undo()
@@ -45,7 +45,7 @@ def test_cells_are_complete_records_and_a_rerun_resumes(tmp_path, corpus, monkey
 
 def test_a_failing_cell_leaves_finished_cells_and_no_partial_file(tmp_path, corpus, monkeypatch):
     bench = write_bench(tmp_path, corpus, seeds=[0, 1, 2])
-    real = runner.run_cell
+    real = cellrun.run_cell
     done = []
 
     def flaky(cell, *a, **k):
@@ -54,7 +54,7 @@ def test_a_failing_cell_leaves_finished_cells_and_no_partial_file(tmp_path, corp
         done.append(cell.cell_id)
         return real(cell, *a, **k)
 
-    monkeypatch.setattr(runner, "run_cell", flaky)
+    monkeypatch.setattr(cellrun, "run_cell", flaky)
     with pytest.raises(KeyboardInterrupt):
         _run(bench)
     cells = tmp_path / "results" / "t" / "cells"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import SAMPLE, write_bench
-from tta_bench import runner
+from tta_bench import cellrun, runner
 from tta_bench.cli import main
 from tta_bench.errors import TTABenchError
 from tta_bench.metrics import bootstrap_ci, summarize
@@ -55,7 +55,7 @@ def test_run_refuses_a_shared_run_of_tokens_before_any_compute(tmp_path, corpus,
     train.write_text("unrelated words here. " + SAMPLE[3][10:60] + " more.\n")
     bench = write_bench(tmp_path, corpus)
     assert main(["validate", str(bench)]) == 0
-    monkeypatch.setattr(runner, "run_cell", lambda *a, **k: pytest.fail("computed"))
+    monkeypatch.setattr(cellrun, "run_cell", lambda *a, **k: pytest.fail("computed"))
     with pytest.raises(TTABenchError, match=r"prepare split text:train shares a run of 32 tokens with the evaluated"
                                             r" document 'doc3.txt' \(token 10\)"):
         _run(bench)

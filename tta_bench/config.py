@@ -205,8 +205,7 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
     if not isinstance(ex, dict):
         problems.append("executor: must be local, ray, slurm, or a mapping with `name` and settings")
     else:
-        from .executors import ExecutorParams
-        from .params import make_params
+        from .params import ExecutorParams, make_params
 
         typed, errs = make_params(ExecutorParams, ex, "executor", "the executor")
         problems.extend(errs)

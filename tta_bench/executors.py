@@ -11,34 +11,7 @@ by submitit and resumes where its cell files end.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Literal
-
 from .errors import TTABenchError
-
-
-@dataclass
-class ExecutorParams:
-    """`executor:` in bench.yaml (a name, or a mapping with `name` and these settings)."""
-
-    name: Literal["local", "ray", "slurm"] = "local"
-    shared_fs: bool = True  # workers see the results folder; false: records come back to the driver
-    cpus: int = 1  # per group
-    gpus: int = 0  # per group
-    mem_gb: float = 16.0  # per group (slurm; ray: memory reserved)
-    retries: int = 1  # ray: retries of a group whose worker died
-    address: str | None = None  # ray: a cluster ("auto", "ray://host:10001"); null: a local instance
-    partition: str | None = None  # slurm
-    time_min: int = 120  # slurm: time limit per group
-    array_parallelism: int = 32  # slurm: groups running at once
-    folder: str = "slurm_logs"  # slurm: submitit's job files and logs (relative: under the run folder)
-    cluster: Literal["slurm", "local", "debug"] = "slurm"  # submitit's backend: local and debug run here
-
-    def problems(self) -> list[str]:
-        out = [f"{k} must be >= {lo}, got {getattr(self, k)}" for k, lo in
-               (("cpus", 1), ("gpus", 0), ("retries", 0), ("time_min", 1), ("array_parallelism", 1))
-               if getattr(self, k) < lo]
-        return out + ([f"mem_gb must be > 0, got {self.mem_gb}"] if self.mem_gb <= 0 else [])
 
 
 def groups(cells) -> list[list]:
@@ -53,7 +26,7 @@ def work_group(raw: dict, path: str, cell_ids: list[str], force: bool, check: bo
     """One group, on a worker: the bench is validated again there (plugins included)."""
     from .config import expand, validate
     from .models import resolve_device
-    from .runner import Worker
+    from .worker import Worker
 
     import torch
 
@@ -92,7 +65,7 @@ def run_remote(cfg, cells, force: bool, check: bool, log=print) -> list[dict]:
     the workers or here)."""
     from pathlib import Path
 
-    from .runner import write_record
+    from .worker import write_record
 
     ex = cfg.executor
     done = {} if force else _finished(cfg.run_dir)
@@ -109,7 +82,7 @@ def run_remote(cfg, cells, force: bool, check: bool, log=print) -> list[dict]:
 
 
 def _summary(record) -> str:
-    from .runner import record_summary
+    from .worker import record_summary
 
     return record_summary(record).replace("    ", " ", 1)
 

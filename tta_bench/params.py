@@ -1,5 +1,5 @@
-"""Typed parameters for methods, tasks and models: a dataclass `Params` whose type hints say what a
-bench file may give. Every value is checked before anything runs: its type, floats finite, ints
+"""Typed parameters for methods, tasks, models and the executor: a dataclass whose type hints say
+what a bench file may give. Every value is checked before anything runs: its type, floats finite, ints
 within int64, and the class's own `problems()` (ranges, regexes)."""
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import dataclasses
 import math
 import types
 import typing
+from dataclasses import dataclass
+from typing import Literal
 
 from .errors import did_you_mean
 
@@ -106,3 +108,27 @@ def coerce(value, tp):
             out.append(v2)
         return True, out
     return isinstance(value, tp) if isinstance(tp, type) else True, value
+
+
+@dataclass
+class ExecutorParams:
+    """`executor:` in bench.yaml (a name, or a mapping with `name` and these settings)."""
+
+    name: Literal["local", "ray", "slurm"] = "local"
+    shared_fs: bool = True  # workers see the results folder; false: records come back to the driver
+    cpus: int = 1  # per group
+    gpus: int = 0  # per group
+    mem_gb: float = 16.0  # per group (slurm; ray: memory reserved)
+    retries: int = 1  # ray: retries of a group whose worker died
+    address: str | None = None  # ray: a cluster ("auto", "ray://host:10001"); null: a local instance
+    partition: str | None = None  # slurm
+    time_min: int = 120  # slurm: time limit per group
+    array_parallelism: int = 32  # slurm: groups running at once
+    folder: str = "slurm_logs"  # slurm: submitit's job files and logs (relative: under the run folder)
+    cluster: Literal["slurm", "local", "debug"] = "slurm"  # submitit's backend: local and debug run here
+
+    def problems(self) -> list[str]:
+        out = [f"{k} must be >= {lo}, got {getattr(self, k)}" for k, lo in
+               (("cpus", 1), ("gpus", 0), ("retries", 0), ("time_min", 1), ("array_parallelism", 1))
+               if getattr(self, k) < lo]
+        return out + ([f"mem_gb must be > 0, got {self.mem_gb}"] if self.mem_gb <= 0 else [])

@@ -47,7 +47,7 @@ def run_sharded(cfg, force: bool, progress, log) -> Path:
     from .config import expand
     from .models import resolve_device
     from .results import RunLock
-    from .runner import Worker, record_summary, write_record
+    from .worker import Worker, record_summary, write_record
 
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -94,7 +94,7 @@ def _cell(cell, worker, rank: int, world: int) -> dict | None:
     from .cells import build_cell
     from .data import Stream
     from .evaluate import EvalResult
-    from .runner import evaluate_cell, make_record
+    from .cellrun import evaluate_cell, make_record
 
     lm = worker.models.get(cell.model)
     if rank == 0:  # prepare once: its state goes to the cache the other ranks then read

@@ -1,0 +1,187 @@
+"""One cell, start to finish: build it (cells.build_cell), evaluate it with peak memory counted from
+the start of evaluation, and turn the result into its record (SPEC 7); a `select_on` cell chooses
+its setting on the selection split first."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .cells import StreamCache, build_cell, selection_cells
+from .config import Cell
+from .errors import TTABenchError
+from .results import SCHEMA, device_name, provenance
+
+
+def _peak_reset(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)  # memory kept by retain_freed_memory goes back first
+    try:  # Linux: writing 5 resets the peak RSS (VmHWM) of this process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _glibc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def retain_freed_memory() -> None:
+    """glibc hands big freed blocks back to the OS, so tensors allocated afresh every segment (a
+    backward's vocab x d head gradient, logits) page-fault again each time: up to a fifth of a
+    weight-adapting segment on CPU. Keep them in the heap while a cell runs (process-wide, set
+    before any cell so that `none` and every method are timed alike; _peak_reset trims the heap
+    between cells so peaks stay per cell). No-op off glibc."""
+    import ctypes
+
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, ctypes.c_int(1 << 30))  # M_MMAP_THRESHOLD: heap, not mmap, below 1 GiB
+        libc.mallopt(-1, ctypes.c_int(2**31 - 1))  # M_TRIM_THRESHOLD: do not give the heap top back
+
+
+def _peak_read(device) -> tuple[int, str]:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "peak_rss"
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_rss_since_start"
+
+
+def run_cell(cell: Cell, lm, streams: StreamCache, progress: bool = True, observer=None, log=None) -> dict:
+    """Evaluate one cell and return its record (not yet written)."""
+    if "grid" in cell.method:
+        return run_selected(cell, lm, streams, progress, observer, log)
+    if lm.device.type == "cpu":
+        retain_freed_memory()
+    built = build_cell(cell, lm, streams, progress=progress)
+    if log:
+        log("    prepare: " + prepare_summary(built.data.events, built.prepare_seconds))
+    return make_record(built, evaluate_cell(built, progress, observer))
+
+
+def evaluate_cell(built, progress: bool = False, observer=None, stream=None):
+    """Evaluate a built cell as `run` does (freed memory kept in the heap, peak memory counted from
+    here), then close it: the loaded model is shared by the next cells."""
+    if built.lm.device.type == "cpu":
+        retain_freed_memory()
+    try:
+        _peak_reset(built.lm.device)
+        return built.evaluate(progress=progress, observer=observer, stream=stream)
+    finally:
+        built.close()
+
+
+def prepare_summary(events: list[dict], seconds: float) -> str:
+    """One line: what prepare found in the cache and what it had to compute."""
+    if not events:
+        return f"nothing to prepare ({seconds:.1f}s)"
+    parts = []
+    for e in events:
+        if e["kind"] == "features":
+            parts.append("features cached" if e["hit"] else f"features computed for {e['pass_tokens']} tokens")
+        else:
+            parts.append(f"{e['kind']} cached" if e["hit"] else f"{e['kind']} built in {e['seconds']:.1f}s")
+    return "; ".join(parts) + f" ({seconds:.1f}s)"
+
+
+def make_record(built, result) -> dict:
+    """The cell record (SPEC 7) of an evaluated cell."""
+    from .method import method_class
+    from .metrics import bootstrap_ci, summarize
+
+    cell, lm, stream, protocol, params = built.cell, built.lm, built.stream, built.protocol, built.params
+    cls = method_class(cell.method["name"])
+    device = lm.device
+    peak, peak_kind = _peak_read(device)
+    costs = lm.ledger.resolve()
+    n_tokens = stream.n_tokens
+    flops_per_token = {k: v / n_tokens for k, v in costs["flops"].items()}
+    timed = result.seconds[1:] if len(result.seconds) > 1 else result.seconds
+    timed_tokens = sum(result.seg_tokens[1:]) if len(result.seconds) > 1 else sum(result.seg_tokens)
+    eval_s, eval_all, warmup = sum(timed), sum(result.seconds), len(result.seconds) - len(timed)
+    if "ranks" in result.extra:  # documents shared out by torchrun: the slowest rank's time, all ranks' tokens
+        eval_s, eval_all, timed_tokens, warmup = (result.extra[k] for k in ("eval_seconds", "eval_seconds_all",
+                                                                           "timed_tokens", "warmup_segments"))
+
+    docs = stream.docs
+    d_nll, d_tok = result.doc_nll, result.doc_tokens
+    d_bytes, d_words = [d.n_bytes for d in docs], [d.n_words for d in docs]
+    metrics = summarize(sum(d_nll), n_tokens, sum(d_bytes), sum(d_words))
+    metrics["ci95"] = bootstrap_ci(d_nll, d_tok, d_bytes, d_words, seed=cell.seed)
+    return {
+        "schema": SCHEMA,
+        "cell_id": cell.cell_id,
+        "label": cell.label,
+        "config": cell.as_dict(),
+        "resolved": {"segment_len": protocol.segment_len, "context_len": protocol.context_len, "reset": protocol.reset,
+                     "prepare_split": cell.task["prepare_split"], "model_window": lm.window, "model_source": lm.source,
+                     "model_fingerprint": lm.fingerprint, "method_params": {k: getattr(params, k) for k in cls.param_fields()}},
+        "stream": {"task": stream.task, "split": stream.split, "fingerprint": stream.fingerprint,
+                   "n_docs": len(docs), "n_tokens": n_tokens},
+        "metrics": metrics,
+        "per_doc": [{"title": d.title, "nll": n, "tokens": t, "bytes": d.n_bytes, "words": d.n_words}
+                    for d, n, t in zip(docs, d_nll, d_tok)],
+        "costs": {
+            "flops": costs["flops"],
+            "flops_per_token": flops_per_token,
+            "gflops_per_token": sum(flops_per_token.values()) / 1e9,
+            "unsupported_ops": costs["unsupported_ops"],
+            "flop_convention": "fvcore: one multiply-add = one flop; backward/update via FlopCounterMode halved",
+            "eval_seconds": eval_s,
+            "eval_seconds_all": eval_all,
+            "warmup_segments_excluded": warmup,
+            "tokens_per_second": timed_tokens / eval_s if eval_s > 0 else None,
+            "timer": "cuda_events" if device.type == "cuda" else "perf_counter",
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": peak_kind,
+            "prepare_seconds": built.prepare_seconds,
+            "device": device_name(device),
+        },
+        "prepare": {"seconds": built.prepare_seconds, "cache": built.data.events},
+        "checks": None,
+        "provenance": provenance(device, cell.seed, cls.requires),
+    }
+
+
+def run_selected(cell: Cell, lm, streams: StreamCache, progress: bool = True, observer=None, log=None) -> dict:
+    """A `select_on` cell: evaluate every grid setting on the selection split (never the evaluated one),
+    then the evaluated split with the setting of lowest NLL; the record says which split chose."""
+    sel = cell.method["select_on"]
+    tried, first_error = [], None
+    for sub in selection_cells(cell):
+        params, prep = sub.method["params"], sub.task["prepare_split"]
+        try:
+            m = run_cell(sub, lm, streams, progress=progress, log=log)["metrics"]
+            tried.append({"params": params, "token_ppl": m["token_ppl"], "nll_sum": m["nll_sum"], "n_tokens": m["n_tokens"]})
+        except TTABenchError as e:  # e.g. a learning rate that diverges: that setting loses
+            first_error = first_error or e
+            tried.append({"params": params, "token_ppl": None, "nll_sum": None, "error": str(e)})
+    ok = [t for t in tried if t["nll_sum"] is not None]
+    if not ok:
+        raise TTABenchError(f"every setting failed on the selection split '{sel}': {first_error}")
+    best = min(ok, key=lambda t: t["nll_sum"])
+    final = dataclasses.replace(cell, method={"name": cell.method["name"], "params": best["params"]})
+    record = run_cell(final, lm, streams, progress=progress, observer=observer, log=log)
+    record.update(cell_id=cell.cell_id, label=cell.label, config=cell.as_dict())
+    record["selection"] = {"split": sel, "prepare_split": prep, "criterion": "lowest token NLL on the selection split",
+                           "chosen": best["params"], "candidates": tried}
+    return record
