@@ -103,6 +103,13 @@ def prepare_summary(events: list[dict], seconds: float) -> str:
     return "; ".join(parts) + f" ({seconds:.1f}s)"
 
 
+def timing(result) -> tuple[float, float, int, int]:
+    """(timed seconds, all seconds, timed tokens, warm-up segments left out): the first segment warms
+    up and is not timed, unless it is the only one."""
+    warmup = 1 if len(result.seconds) > 1 else 0
+    return (sum(result.seconds[warmup:]), sum(result.seconds), sum(result.seg_tokens[warmup:]), warmup)
+
+
 def make_record(built, result) -> dict:
     """The cell record (SPEC 7) of an evaluated cell."""
     from .method import method_class
@@ -115,9 +122,7 @@ def make_record(built, result) -> dict:
     costs = lm.ledger.resolve()
     n_tokens = stream.n_tokens
     flops_per_token = {k: v / n_tokens for k, v in costs["flops"].items()}
-    timed = result.seconds[1:] if len(result.seconds) > 1 else result.seconds
-    timed_tokens = sum(result.seg_tokens[1:]) if len(result.seconds) > 1 else sum(result.seg_tokens)
-    eval_s, eval_all, warmup = sum(timed), sum(result.seconds), len(result.seconds) - len(timed)
+    eval_s, eval_all, timed_tokens, warmup = timing(result)
     if "ranks" in result.extra:  # documents shared out by torchrun: the slowest rank's time, all ranks' tokens
         eval_s, eval_all, timed_tokens, warmup = (result.extra[k] for k in ("eval_seconds", "eval_seconds_all",
                                                                            "timed_tokens", "warmup_segments"))

@@ -46,15 +46,19 @@ class Cell:
 
     @property
     def label(self) -> str:
-        m = self.method
-        if m.get("label") or "grid" not in m:
-            return m.get("label") or method_label(m["name"], m["params"])
-        axes = {}  # a selection cell: its grid axes, each value once, in order
-        for setting in m["grid"]:
-            for k, v in setting.items():
-                if k not in m["params"] and v not in axes.setdefault(k, []):
-                    axes[k].append(v)
-        return method_label(m["name"], {**m["params"], **axes, "select_on": m["select_on"]})
+        return entry_label(self.method)
+
+
+def entry_label(m: dict) -> str:
+    """A method entry's row name: its label, else its name and settings (a selection cell's grid axes)."""
+    if m.get("label") or "grid" not in m:
+        return m.get("label") or method_label(m["name"], m["params"])
+    axes = {}  # a selection cell: its grid axes, each value once, in order
+    for setting in m["grid"]:
+        for k, v in setting.items():
+            if k not in m["params"] and v not in axes.setdefault(k, []):
+                axes[k].append(v)
+    return method_label(m["name"], {**m["params"], **axes, "select_on": m["select_on"]})
 
 
 def method_label(name: str, params: dict) -> str:
@@ -165,6 +169,7 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
     from . import registry
     from .method import method_class
     from .models import check_model_ref, model_param_problems
+    from .params import ExecutorParams, make_params
     from .separation import check_task_text
 
     problems: list[str] = []
@@ -205,8 +210,6 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
     if not isinstance(ex, dict):
         problems.append("executor: must be local, ray, slurm, or a mapping with `name` and settings")
     else:
-        from .params import ExecutorParams, make_params
-
         typed, errs = make_params(ExecutorParams, ex, "executor", "the executor")
         problems.extend(errs)
         if typed is not None:
@@ -365,11 +368,9 @@ def _label_problems(methods: list[dict]) -> list[str]:
     were seeds, and the row labelled `none` is every ratio's baseline."""
     out, settings = [], {}
     for m in methods:
-        label = Cell({}, {}, m, 0, {}, {}, "", "").label
+        label = entry_label(m)
         setting = json.dumps({k: v for k, v in m.items() if k != "label"}, sort_keys=True)
-        if not isinstance(label, str) or not label:
-            out.append(f"methods: label {label!r} must be a non-empty string")
-        elif label == "none" and m["name"] != "none":
+        if label == "none" and m["name"] != "none":  # (an empty or non-string label was refused with its entry)
             out.append(f"methods: '{m['name']}' is labelled 'none', the baseline's name; choose another label")
         elif label in settings and settings[label] != setting:
             out.append(f"methods: label '{label}' is given to two different settings ({settings[label]} and {setting});"

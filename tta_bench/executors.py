@@ -11,6 +11,7 @@ by submitit and resumes where its cell files end.
 from __future__ import annotations
 
 import json
+
 from .errors import TTABenchError
 
 
@@ -24,18 +25,19 @@ def groups(cells) -> list[list]:
 
 def work_group(raw: dict, path: str, cell_ids: list[str], force: bool, check: bool, done: dict, write: bool) -> list[dict]:
     """One group, on a worker: the bench is validated again there (plugins included)."""
+    import torch
+
     from .config import expand, validate
     from .models import resolve_device
     from .worker import Worker
-
-    import torch
 
     cfg, problems = validate(raw, path)
     if problems:
         raise TTABenchError(f"{path}: {problems[0]}")
     torch.set_num_threads(cfg.executor["cpus"])  # the group's share of the machine, wherever it lands
     device = resolve_device(cfg.device)
-    cells = [c for c in expand(cfg, device.type) if c.cell_id in set(cell_ids)]
+    wanted = set(cell_ids)
+    cells = [c for c in expand(cfg, device.type) if c.cell_id in wanted]
     worker = Worker(cfg, device, progress=False, check=check, write=write)
     return worker.run(cells, worker.keys(cells), force, done)
 

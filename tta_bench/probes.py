@@ -20,7 +20,7 @@ import random
 from contextlib import contextmanager
 
 from .errors import TTABenchError
-from .separation import opened_files, real_paths  # noqa: F401  (the checks import them from here)
+from .separation import opened_files, read_split, real_paths  # noqa: F401  (the checks import them from here)
 
 
 @contextmanager
@@ -65,14 +65,9 @@ class CheckData:
 
     def evaluated_files(self) -> set[str]:
         """Files the task opens to read the evaluated split but not to read the prepare split."""
-        with opened_files() as ev:
-            self._task().documents(self.split)
-        prep = []
-        if self.prep is not None:
-            with opened_files() as prep:
-                self._task().documents(self.prep)
-        code = (".py", ".pyc", ".so")  # a module imported on the first read is not data
-        return {p for p in real_paths(ev) - real_paths(prep) if os.path.isfile(p) and not p.endswith(code)}
+        ev = read_split(self._task(), self.split)[1]
+        prep = read_split(self._task(), self.prep)[1] if self.prep is not None else set()
+        return {p for p in ev - prep if os.path.isfile(p)}
 
     def evaluated_stream(self):
         """The evaluated split as the cell sees it (the cell's limits)."""

@@ -107,8 +107,9 @@ def read_cell(path: Path) -> tuple[dict | None, str | None]:
     if not isinstance(rec, dict) or rec.get("schema") != SCHEMA:
         return None, f"not a {SCHEMA} record"
     status = rec.get("status")
-    need = ("cell_id", "label", "config", "resume_key") + (("metrics", "costs", "resolved", "stream") if status == "ok" else ())
-    missing = [k for k in need if not isinstance(rec.get(k), dict if k in ("config", "resume_key", "metrics", "costs", "resolved", "stream") else str)]
+    mappings = ("config", "resume_key") + (("metrics", "costs", "resolved", "stream") if status == "ok" else ())
+    missing = ([k for k in ("cell_id", "label") if not isinstance(rec.get(k), str)]
+               + [k for k in mappings if not isinstance(rec.get(k), dict)])
     if status not in ("ok", "failed") or missing:
         return None, f"malformed (status {status!r}; missing {', '.join(missing) or 'nothing'})"
     return rec, None

@@ -94,6 +94,14 @@ def real_paths(paths) -> set[str]:
     return {os.path.realpath(p) for p in paths}
 
 
+def read_split(task, split: str) -> tuple[list, set[str]]:
+    """The split's documents, and the data files reading them opened (modules imported on the way
+    are not data)."""
+    with opened_files() as seen:
+        docs = task.documents(split)
+    return docs, {p for p in real_paths(seen) if not p.endswith((".py", ".pyc", ".so"))}
+
+
 def _words(text: str, vocab: dict) -> list[int]:
     return [vocab.setdefault(w, len(vocab)) for w in text.split()]
 
@@ -111,12 +119,9 @@ def check_task_text(task, split: str, prep: str | None, name: str) -> str | None
     of RUN words. A problem, or None."""
     if prep is None:
         return None
-    with opened_files() as ev_files:
-        ev_docs = task.documents(split)
-    with opened_files() as prep_files:
-        prep_docs = task.documents(prep)
-    code = (".py", ".pyc", ".so")
-    shared = sorted(p for p in real_paths(ev_files) & real_paths(prep_files) if not p.endswith(code))
+    ev_docs, ev_files = read_split(task, split)
+    prep_docs, prep_files = read_split(task, prep)
+    shared = sorted(ev_files & prep_files)
     if shared:
         return (f"{name}: the prepare split '{prep}' and the evaluated split '{split}' both read {shared[0]};"
                 " point them at different files (SPEC 2)")
@@ -130,6 +135,9 @@ def check_task_text(task, split: str, prep: str | None, name: str) -> str | None
             + f" of the evaluated split '{split}'; point them at disjoint text (SPEC 2)")
 
 
+_PREPARED_RUNS: dict[str, np.ndarray] = {}  # stream fingerprint -> its runs: every cell of a task shares them
+
+
 def check_streams(evaluated, prepared, given: list[tuple[str, np.ndarray]] = ()) -> None:
     """run's check, in tokens: raises one line naming both sides on the first overlap. `given`:
     (what, run hashes) of data a setting brings in itself."""
@@ -138,7 +146,10 @@ def check_streams(evaluated, prepared, given: list[tuple[str, np.ndarray]] = ())
     sides = []
     if prepared is not None:
         prep_docs = [d.ids for d in prepared.docs]
-        sides.append((f"the prepare split {prepared.task}:{prepared.split}", stream_runs(prep_docs), prep_docs))
+        if prepared.fingerprint not in _PREPARED_RUNS:
+            _PREPARED_RUNS.clear()  # one prepare split at a time is what a run goes through
+            _PREPARED_RUNS[prepared.fingerprint] = stream_runs(prep_docs)
+        sides.append((f"the prepare split {prepared.task}:{prepared.split}", _PREPARED_RUNS[prepared.fingerprint], prep_docs))
     sides += [(what, runs, None) for what, runs in given]
     for what, runs, docs in sides:
         hit = first_overlap(runs, ev_docs, docs)

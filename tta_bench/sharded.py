@@ -94,7 +94,7 @@ def _cell(cell, worker, rank: int, world: int) -> dict | None:
     from .cells import build_cell
     from .data import Stream
     from .evaluate import EvalResult
-    from .cellrun import evaluate_cell, make_record
+    from .cellrun import evaluate_cell, make_record, timing
 
     lm = worker.models.get(cell.model)
     if rank == 0:  # prepare once: its state goes to the cache the other ranks then read
@@ -106,12 +106,11 @@ def _cell(cell, worker, rank: int, world: int) -> dict | None:
     mine = list(range(rank, len(stream.docs), world))
     part = Stream(stream.task, stream.split, [stream.docs[i] for i in mine], stream.fingerprint, stream.cut)
     result = evaluate_cell(built, stream=part) if mine else EvalResult([], [], [], [])
-    timed = result.seconds[1:] if len(result.seconds) > 1 else result.seconds
-    timed_tokens = sum(result.seg_tokens[1:]) if len(result.seconds) > 1 else sum(result.seg_tokens)
+    eval_s, eval_all, timed_tokens, warmup = timing(result)
     if not mine:
         built.close()
-    mine_out = {"docs": mine, "nll": result.doc_nll, "eval_seconds": sum(timed), "eval_seconds_all": sum(result.seconds),
-                "timed_tokens": timed_tokens, "warmup": len(result.seconds) - len(timed), "ledger": lm.ledger.resolve()}
+    mine_out = {"docs": mine, "nll": result.doc_nll, "eval_seconds": eval_s, "eval_seconds_all": eval_all,
+                "timed_tokens": timed_tokens, "warmup": warmup, "ledger": lm.ledger.resolve()}
     gathered = [None] * world
     dist.all_gather_object(gathered, mine_out)
     if rank != 0:
