@@ -11,6 +11,10 @@ from tta_bench.registry import register_method
 class NoAdaptation(Method):
     """No adaptation: the base model scores each segment with up to context_len earlier tokens."""
 
+    @classmethod
+    def adapts_at_test_time(cls, params) -> bool:
+        return False
+
     @torch.no_grad()
     def score(self, seg):
         return self.lm.logprobs(seg.ids, seg.n)

@@ -1,4 +1,6 @@
-"""Any local text: files or folders per split, one document per file or cut by a line pattern."""
+"""Any local text: files or folders per split, one document per file or cut by a line pattern; a
+split may also be another registered task's split (`task:wikitext-2:valid`), e.g. to prepare an
+out-of-domain evaluation on the same text an in-domain one prepares on."""
 from __future__ import annotations
 
 import codecs
@@ -8,12 +10,14 @@ from pathlib import Path
 
 from tta_bench.data import Document, Task
 from tta_bench.errors import TTABenchError
-from tta_bench.registry import register_task
+from tta_bench.registry import get, register_task
+
+BORROW = "task:"  # a split given as task:<name>:<split> is read from that task (its default settings)
 
 
 @register_task("text")
 class LocalText(Task):
-    """Local text files: `splits: {test: path, train: path}`; a file or a folder of files per split."""
+    """Local text files: `splits: {test: path, train: path}`; a file or a folder of files per split, or task:<name>:<split>."""
 
     @dataclass
     class Params:
@@ -40,6 +44,20 @@ class LocalText(Task):
     def available_splits(self):
         return tuple(self.cfg["splits"])
 
+    def _borrowed(self, split: str):
+        """(task object, its split) when `split` is given as task:<name>:<split>, else None."""
+        ref = self.cfg["splits"][split]
+        if not ref.startswith(BORROW):
+            return None
+        name, _, other = ref[len(BORROW):].rpartition(":")
+        if not name or not other or name == self.registry_name:
+            raise TTABenchError(f"text task: split {split} is {ref!r}; write task:<name>:<split>, e.g. task:wikitext-2:valid")
+        return get("task", name)(), other
+
+    def is_local(self, split: str) -> bool:
+        borrowed = self._borrowed(split)
+        return borrowed[0].is_local(borrowed[1]) if borrowed else True
+
     def _files(self, split: str) -> list[Path]:
         path = Path(self.cfg["splits"][split]).expanduser()
         return sorted(path.rglob(self.cfg["glob"])) if path.is_dir() else [path]
@@ -48,6 +66,13 @@ class LocalText(Task):
         if split not in self.cfg["splits"]:
             return (f"text task has no split '{split}'; map it to a file or folder under"
                     f" `splits:` (have: {', '.join(self.cfg['splits']) or 'none'})")
+        try:
+            borrowed = self._borrowed(split)
+        except TTABenchError as e:
+            return f"text task: split {split}: {e}"
+        if borrowed:
+            problem = borrowed[0].problem(borrowed[1])
+            return f"text task: split {split} ({self.cfg['splits'][split]}): {problem}" if problem else None
         path = Path(self.cfg["splits"][split]).expanduser()
         if not path.exists():
             return f"text task: {split} path {path} does not exist; fix `splits.{split}`"
@@ -59,6 +84,9 @@ class LocalText(Task):
         problem = self.problem(split)
         if problem:
             raise TTABenchError(problem)
+        borrowed = self._borrowed(split)
+        if borrowed:
+            return borrowed[0].documents(borrowed[1])
         docs = []
         pattern = re.compile(self.cfg["doc_pattern"]) if self.cfg["doc_pattern"] else None
         for f in self._files(split):

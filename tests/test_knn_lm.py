@@ -29,7 +29,7 @@ def _method(lm, name, protocol, prep_stream, **params):
     p, errs = cls.make_params(params)
     assert not errs, errs
     m = cls(lm, p, seed=0, protocol=protocol)
-    data = PrepareData(prep_stream.split, lambda limit_tokens=None, limit_docs=None: prep_stream, lm, "test-corpus")
+    data = PrepareData(prep_stream.split, lambda limit_tokens=None, limit_docs=None: prep_stream, lm)
     m.prepare(data)
     m._events = data.events  # what prepare found in the cache and what it computed
     return m
@@ -176,7 +176,7 @@ def test_datastore_comes_from_the_shared_pass_and_is_reused(tiny_lm, monkeypatch
     train = _stream(lm, TRAIN[:2], "train")
     m = _method(lm, "knn-lm", protocol, train, k=4)
     assert m.knn.info["index"] == "exact" and m.knn.info["n_keys"] == train.n_tokens
-    data = PrepareData("train", lambda **k: train, lm, "test-corpus")
+    data = PrepareData("train", lambda **k: train, lm)
     keys, values = datastore(data, train, protocol, "ffn_input")
     assert values.tolist() == [t for d in train.docs for t in d.ids]
     want = torch.cat([ref_forward(lm, seg.ids, seg.n, "ffn_input")[2] for seg, _, _ in segments(train, protocol, lm.start_id)])

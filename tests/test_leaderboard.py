@@ -9,7 +9,8 @@ import pytest
 
 from tests.conftest import write_bench
 from tta_bench.errors import TTABenchError
-from tta_bench.leaderboard import pareto_front, write_leaderboard
+from tta_bench.leaderboard import write_leaderboard
+from tta_bench.render import pareto_front
 from tta_bench.runner import run
 
 PLUGIN = textwrap.dedent('''
@@ -67,7 +68,9 @@ def _independent(cells: list[dict]) -> dict[str, dict]:
         flops = [sum(c["costs"]["flops"].values()) / sum(d["tokens"] for d in c["per_doc"]) / 1e9 for c in cs]
         bpb = [sum(d["nll"] for d in c["per_doc"]) / math.log(2) / sum(d["bytes"] for d in c["per_doc"]) for c in cs]
         spt = [1 / c["costs"]["tokens_per_second"] for c in cs]
-        out[label] = {"token_ppl": mean, "std": math.sqrt(sum((p - mean) ** 2 for p in ppl) / (len(ppl) - 1)),
+        n_docs, tokens = len(cs[0]["per_doc"]), sum(d["tokens"] for d in cs[0]["per_doc"])
+        seed_mean_nll = sum(sum(c["per_doc"][i]["nll"] for c in cs) / len(cs) for i in range(n_docs))
+        out[label] = {"token_ppl": mean, "ppl_of_mean_nll": math.exp(seed_mean_nll / tokens), "std": math.sqrt(sum((p - mean) ** 2 for p in ppl) / (len(ppl) - 1)),
                       "gflops": sum(flops) / len(flops), "bpb": sum(bpb) / len(bpb), "spt": sum(spt) / len(spt),
                       "ci_low": sum(c["metrics"]["ci95"]["token_ppl"][0] for c in cs) / len(cs), "seeds": len(cs)}
     return out
@@ -92,7 +95,12 @@ def test_every_table_number_matches_the_cell_files(results):
         assert row["gflops_per_token"] == pytest.approx(r["gflops"])
         assert row["flops_x_none"] == pytest.approx(r["gflops"] / none["gflops"])
         assert row["time_x_none"] == pytest.approx(r["spt"] / none["spt"])
-        assert row["delta_ppl_vs_none"] == pytest.approx(r["token_ppl"] - none["token_ppl"])
+        # the paired difference is taken on the per-document NLL averaged over seeds
+        if row["method"] == "none":
+            assert math.isnan(row["delta_ppl_vs_none"])
+        else:
+            assert row["delta_ppl_vs_none"] == pytest.approx(r["ppl_of_mean_nll"] - none["ppl_of_mean_nll"])
+            assert row["delta_ci95_low_vs_none"] <= row["delta_ppl_vs_none"] <= row["delta_ci95_high_vs_none"]
         assert row["ci95_low"] == pytest.approx(r["ci_low"])
         j = next(x for x in as_json if x["method"] == row["method"])
         assert j["token_ppl"] == pytest.approx(r["token_ppl"])

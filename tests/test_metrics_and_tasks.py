@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import SHARED_DATA
 from tta_bench.data import Document, count_words, tokenize
 from tta_bench.lm import ByteTokenizer
-from tta_bench.metrics import bootstrap_ci, summarize
+from tta_bench.metrics import bootstrap_ci, paired_delta, summarize
 from tta_bench.registry import get
 
 
@@ -52,6 +52,25 @@ def test_limits_cut_deterministically_with_matching_bytes_and_words():
     assert cut.fingerprint == tokenize(docs, tok, "t", "test", limit_tokens=8).fingerprint != full.fingerprint
 
 
+def test_doc_tokens_keeps_the_first_tokens_of_every_document():
+    docs = [Document("a", "héllo wörld\nfoo bar\n"), Document("b", "second doc\n"), Document("c", "xy")]
+    got = tokenize(docs, ByteTokenizer(), "t", "test", doc_tokens=8, limit_tokens=18)
+    assert [len(d.ids) for d in got.docs] == [8, 8, 2]
+    assert got.docs[0].n_bytes == 8 and got.docs[0].n_words == 2  # "héllo w", as limit_tokens cuts
+    assert got.docs[1].ids == list("second d".encode())
+
+
+def test_text_task_borrows_another_tasks_split(tmp_path):
+    if not (SHARED_DATA / "wikitext-2" / "valid.txt").is_file():
+        pytest.skip("needs ../shared/data/wikitext-2")
+    text = get("task", "text")(splits={"test": str(tmp_path), "valid": "task:wikitext-2:valid"})
+    wiki = get("task", "wikitext-2")().documents("valid")
+    assert text.problem("valid") is None and text.is_local("valid")
+    assert [(d.title, d.text) for d in text.documents("valid")] == [(d.title, d.text) for d in wiki]
+    assert "unknown task 'nope'" in get("task", "text")(splits={"valid": "task:nope:valid"}).problem("valid")
+    assert "write task:<name>:<split>" in get("task", "text")(splits={"valid": "task:valid"}).problem("valid")
+
+
 def test_text_task_splits_files_by_pattern(tmp_path):
     f = tmp_path / "book.txt"
     f.write_text("CHAPTER 1\none\nCHAPTER 2\ntwo\nthree\n", encoding="utf-8")
@@ -60,3 +79,25 @@ def test_text_task_splits_files_by_pattern(tmp_path):
     assert [d.text for d in docs] == ["CHAPTER 1\none\n", "CHAPTER 2\ntwo\nthree\n"]
     assert task.prepare_split("test") is None
     assert "does not exist" in get("task", "text")(splits={"test": str(tmp_path / "nope")}).problem("test")
+
+
+def test_paired_delta_is_a_naive_paired_bootstrap_and_cancels_document_difficulty():
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(50, 500, 12).astype(float)
+    hard = rng.uniform(2, 5, 12)  # per-token NLL of each document: the documents differ a lot
+    ref, better = hard * tokens, (hard - 0.05) * tokens  # 0.05 nats per token better on every document
+    got = paired_delta(better, ref, tokens, n_boot=200, seed=7)
+    point = math.exp(better.sum() / tokens.sum()) - math.exp(ref.sum() / tokens.sum())
+    deltas = []  # the same draws, one resample at a time
+    for draw in np.random.default_rng(7).integers(0, 12, size=(200, 12)):
+        n = sum(tokens[i] for i in draw)
+        deltas.append(math.exp(sum(better[i] for i in draw) / n) - math.exp(sum(ref[i] for i in draw) / n))
+    assert got["delta_ppl"] == pytest.approx(point)
+    assert got["ci95"] == pytest.approx([min(np.percentile(deltas, 2.5), point), max(np.percentile(deltas, 97.5), point)])
+    assert got["excludes_zero"] and got["ci95"][1] < 0
+    # unpaired, the two cells' intervals overlap: document difficulty swamps the difference
+    a, b = (bootstrap_ci(x, tokens, tokens, tokens)["token_ppl"] for x in (better, ref))
+    assert a[1] > b[0]
+    same = paired_delta(ref, ref, tokens)
+    assert same["delta_ppl"] == 0 and same["ci95"] == [0, 0] and not same["excludes_zero"]
+    assert paired_delta(ref, ref[:-1], tokens) is None

@@ -27,8 +27,8 @@ def _stream(lm, texts=TEXTS, limit=None):
     return tokenize([Document(f"d{i}", t) for i, t in enumerate(texts)], lm.tokenizer, "text", "train", limit_tokens=limit)
 
 
-def _data(lm, stream, tmp_path, source="corpus"):
-    return PrepareData("train", lambda limit_tokens=None, limit_docs=None: stream, lm, source, root=tmp_path)
+def _data(lm, stream, tmp_path):
+    return PrepareData("train", lambda limit_tokens=None, limit_docs=None: stream, lm, root=tmp_path)
 
 
 def _naive(lm, stream, protocol, tail):
@@ -142,9 +142,10 @@ def test_a_pass_cut_short_resumes_at_its_last_part(lm, tmp_path, monkeypatch):
 
 def test_changed_text_is_computed_again(lm, tmp_path):
     protocol = Protocol(16, 8, "document")
-    one, other = _stream(lm), _stream(lm, [t[::-1] for t in TEXTS])
+    # the same first document (so the same cached pass: it is keyed by content), other text after it
+    one, other = _stream(lm), _stream(lm, TEXTS[:1] + [t[::-1] for t in TEXTS[1:]])
     _data(lm, one, tmp_path).features(one, protocol)
-    data = _data(lm, other, tmp_path)  # same source name and split, other text
+    data = _data(lm, other, tmp_path)
     got = data.features(other, protocol)
     assert data.events[-1]["pass_tokens"] == other.n_tokens
     assert torch.allclose(got[0]["hidden"], _naive(lm, other, protocol, "protocol")[0]["hidden"], atol=1e-5)

@@ -159,8 +159,12 @@ def make_record(built, result) -> dict:
             "peak_memory_bytes": peak,
             "peak_memory_kind": peak_kind,
             "prepare_seconds": built.prepare_seconds,
+            # what building the cell's prepared state cost, cached or not (SPEC 5): time and flops, in total
+            "prepare_build_seconds": built.prepare_seconds + sum(e.get("build_seconds") or 0.0 for e in built.data.events if e["hit"]),
+            "prepare_flops": sum(e.get("flops") or 0.0 for e in built.data.events),
             "device": device_name(device),
         },
+        "role": {"test_time": cls.adapts_at_test_time(params), "control": cls.control(params)},
         "prepare": {"seconds": built.prepare_seconds, "cache": built.data.events},
         "checks": None,
         "provenance": provenance(device, cell.seed, cls.requires),

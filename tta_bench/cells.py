@@ -56,7 +56,7 @@ class StreamCache:
         if key not in self.cache:
             task = get("task", task_entry["name"])(**task_entry["params"])
             self.cache[key] = tokenize(task.documents(split), lm.tokenizer, task_entry["name"], split,
-                                       limits.get("docs"), limits.get("tokens"))
+                                       limits.get("docs"), limits.get("tokens"), limits.get("doc_tokens"))
         return self.cache[key]
 
 
@@ -76,9 +76,8 @@ def prepare_data(cell: Cell, lm, streams: StreamCache, progress: bool = False, l
             on_load(stream)
         return stream
 
-    source = f"{task['name']}:{json.dumps(task['params'], sort_keys=True)}"
     kw = {"log": log} if log else {}
-    return PrepareData(prep, load, lm, source, progress, **kw)
+    return PrepareData(prep, load, lm, progress, **kw)
 
 
 @dataclass

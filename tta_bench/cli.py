@@ -10,7 +10,15 @@ from .errors import RunFailed, TTABenchError
 def _cmd_run(args) -> int:
     from .runner import run
 
-    run(args.bench, force=args.force, progress=False if args.no_progress else None, check=True if args.check else None)
+    run(args.bench, force=args.force, progress=False if args.no_progress else None, check=True if args.check else None,
+        log_tokens=args.log_tokens or None)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.results, against=args.against)}")
     return 0
 
 
@@ -86,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="recompute cells that already have results")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--check", action="store_true", help="also run the validity checks of each cell's setting; stored in its record")
+    r.add_argument("--log-tokens", action="store_true", help="keep every scored token's log-probability beside its cell (for `report`)")
     r.set_defaults(fn=_cmd_run)
     c = sub.add_parser("check", help="validity checks (causality, normalisation, split separation, determinism) of every method")
     c.add_argument("bench")
@@ -108,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--allow-mixed", action="store_true", help="merge cells whose provenance (harness version, data or model hash) differs")
     lb.add_argument("--readme", help="also replace the results block of this README")
     lb.set_defaults(fn=_cmd_leaderboard)
+    rp = sub.add_parser("report", help="REPORT.md: where each method gains, by token frequency, repetition and position (needs log_tokens)")
+    rp.add_argument("results", help="a results folder whose cells have per-token logs")
+    rp.add_argument("--against", default="none", help="the baseline label (default: none); each method is also set against its control")
+    rp.set_defaults(fn=_cmd_report)
     pr = sub.add_parser("prepare", help="run each cell's preparation (training, datastores, statistics) ahead of time; `run` then only evaluates")
     pr.add_argument("bench")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")

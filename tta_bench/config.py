@@ -14,9 +14,9 @@ from pathlib import Path
 from .errors import TTABenchError, did_you_mean
 
 TOP_KEYS = {"run", "output_dir", "device", "dtype", "seeds", "protocol", "limits", "models", "tasks",
-            "methods", "plugins", "progress", "check", "executor"}
+            "methods", "plugins", "progress", "check", "executor", "published", "log_tokens"}
 PROTOCOL_KEYS = {"segment_len", "context_len", "reset"}
-LIMIT_KEYS = {"docs", "tokens"}
+LIMIT_KEYS = {"docs", "tokens", "doc_tokens"}
 TASK_KEYS = {"name", "label", "split", "prepare_split"}
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_SEED = 2**32 - 1
@@ -73,6 +73,7 @@ class BenchConfig:
     raw: dict
     run: str = "default"
     output_dir: str = "results"
+    published: str = ""  # a folder of published cells that the run's numbers are compared with at the end
     device: str = "auto"
     dtype: str = "float32"
     seeds: list = field(default_factory=lambda: [0])
@@ -84,6 +85,7 @@ class BenchConfig:
     plugins: list = field(default_factory=list)
     progress: bool = True
     check: bool = False
+    log_tokens: bool = False  # keep every scored token's log-probability beside its cell (for `report`)
     executor: dict = field(default_factory=lambda: {"name": "local"})
 
     @property
@@ -175,7 +177,7 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
     problems: list[str] = []
     _unknown(raw, TOP_KEYS, "", problems)
     cfg = BenchConfig(path=path, raw=raw)
-    for key in ("run", "output_dir", "device"):
+    for key in ("run", "output_dir", "device", "published"):
         if key in raw:
             if not isinstance(raw[key], str) or not raw[key]:
                 problems.append(f"{key}: must be a non-empty string")
@@ -185,12 +187,10 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
         problems.append("run: must be a plain name (it becomes a folder under output_dir)")
     if "device" in raw and isinstance(raw["device"], str) and not (raw["device"] in ("auto", "cpu", "cuda") or raw["device"].startswith("cuda:")):
         problems.append(f"device: must be auto, cpu, cuda or cuda:N, got {raw['device']!r}")
-    if "dtype" in raw:
-        if raw["dtype"] not in DTYPES:
-            problems.append(f"dtype: must be one of {', '.join(DTYPES)}, got {raw['dtype']!r}")
-        else:
-            cfg.dtype = raw["dtype"]
-    for key in ("progress", "check"):
+    if raw.get("dtype", cfg.dtype) not in DTYPES:
+        problems.append(f"dtype: must be one of {', '.join(DTYPES)}, got {raw['dtype']!r}")
+    cfg.dtype = raw.get("dtype", cfg.dtype)
+    for key in ("progress", "check", "log_tokens"):
         if key in raw:
             if not isinstance(raw[key], bool):
                 problems.append(f"{key}: must be true or false")

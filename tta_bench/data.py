@@ -45,8 +45,9 @@ class Stream:
 
 
 def tokenize(docs: list[Document], tokenizer, task: str, split: str,
-             limit_docs: int | None = None, limit_tokens: int | None = None) -> Stream:
-    """Tokenize documents in order, keeping boundaries; cut deterministically at the limits."""
+             limit_docs: int | None = None, limit_tokens: int | None = None, doc_tokens: int | None = None) -> Stream:
+    """Tokenize documents in order, keeping boundaries; cut deterministically at the limits
+    (`doc_tokens`: each document's first tokens only, so a short prefix still spans many documents)."""
     out: list[TokenizedDoc] = []
     total, cut = 0, False
     h = hashlib.sha256()
@@ -55,6 +56,8 @@ def tokenize(docs: list[Document], tokenizer, task: str, split: str,
         if not ids:
             continue
         text = doc.text
+        if doc_tokens is not None and len(ids) > doc_tokens:
+            ids, text = ids[:doc_tokens], text[: ends[doc_tokens - 1]]
         if limit_tokens is not None and total + len(ids) > limit_tokens:
             keep = limit_tokens - total
             ids, text, cut = ids[:keep], text[: ends[keep - 1]], True

@@ -45,14 +45,29 @@ def fvcore_count(module, inputs: tuple) -> tuple[float, dict[str, int]]:
 
 
 def dispatch_flops(fn: Callable[[], Any]) -> float:
-    """Flops of everything fn runs (backward and optimiser steps included), in fvcore's convention.
+    """Flops of everything fn runs (backward and optimiser steps included), in fvcore's convention:
+    FlopCounterMode's formulas (two flops per multiply-add, so the count is halved), applied by a
+    plain dispatch mode, because FlopCounterMode's module tracker refuses `torch.autograd.grad` on
+    leaves (prepare code calls it: gradient statistics)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry, shape_wrapper
 
-    FlopCounterMode counts a multiply-add as two flops, so the count is halved."""
-    from torch.utils.flop_counter import FlopCounterMode
+    registry = {**flop_registry, **{k: shape_wrapper(v) for k, v in _cpu_sdpa_formulas().items()}}
 
-    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_formulas()) as counter:
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = registry.get(func._overloadpacket)
+            if formula is not None:
+                Count.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    with Count():
         fn()
-    return counter.get_total_flops() / 2
+    return Count.total / 2
 
 
 def _cpu_sdpa_formulas() -> dict:

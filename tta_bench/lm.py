@@ -132,11 +132,11 @@ class LM:
             raise TTABenchError(f"{name} ran {len(seen)} times in one forward, expected once; use the final hidden state instead")
         return h, seen[0]
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., d) hidden states -> (..., V) float32 logits."""
+    def logits(self, h: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """(..., d) hidden states -> (..., V) float32 logits; `model`: a method's private copy (its own head)."""
         shape = tuple(h.shape)
         self.ledger.record_forward("head", shape, lambda: fvcore_count(self.head, (torch.zeros(shape, dtype=h.dtype, device=h.device),)))
-        out = self.head(h).float()
+        out = (self.head if model is None else model.get_output_embeddings())(h).float()
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out

@@ -37,6 +37,8 @@ class Method:
     # Parameter overrides that make a cheap run on the tiny test model (validity checks and the
     # tests parametrised over every method use them), e.g. {"train_steps": 5}.
     quick_params: dict = {}
+    # What the method's paper claims about it (SPEC 9), printed by `report` beside what was measured.
+    claim: str = ""
 
     def __init__(self, lm, params: "Method.Params", seed: int = 0, protocol=None):
         self.lm = lm
@@ -63,6 +65,20 @@ class Method:
     def close(self) -> None:
         """End of the cell (always called, also after an error): give the shared model back as it was
         found (weights, requires_grad), since the runner reuses one loaded LM across cells."""
+
+    # -- controls (SPEC 3): what a test-time adaptation gain is measured against ---------------------
+    @classmethod
+    def adapts_at_test_time(cls, params) -> bool:
+        """Whether this setting learns from the evaluated text as it reads it (False: the base model,
+        or a control: prepared on the prepare split, then static)."""
+        return True
+
+    @classmethod
+    def control(cls, params) -> dict | None:
+        """The setting with this one's preparation and without its test-time adaptation, as
+        {"method": name, "params": {...}}: the leaderboard's control row is a cell of that method whose
+        resolved params include these. None: the control is `none` (nothing trained on the prepare split)."""
+        return None
 
     # -- what a setting brings in itself ---------------------------------------------------------
     @classmethod

@@ -46,7 +46,6 @@ class PrepareData:
     split: str | None
     load: Callable[..., Stream]  # load(limit_tokens=None, limit_docs=None) -> Stream
     lm: object = None
-    source: str = ""  # names the task and its parameters: features are cached per source and split
     progress: bool = False
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
     root: Path = field(default_factory=cache_dir)  # the cache
@@ -65,19 +64,22 @@ class PrepareData:
         new one (returning info to keep in its meta.json) when there is none."""
         lm = self.lm
         key = {"kind": kind, "model": lm.fingerprint, "dtype": str(lm.dtype), "params": params,
-               "data": None if stream is None else [stream.task, stream.split, stream.fingerprint, stream.n_tokens]}
+               "data": None if stream is None else [stream.fingerprint, stream.n_tokens]}  # by content: two tasks
+        # that serve the same prepare text (a text task borrowing WikiText-2 valid) share the state
         folder = self.root / "prepared" / kind / digest(key)
         if (folder / "meta.json").is_file():
-            self.events.append({"kind": kind, "hit": True, "folder": str(folder)})
+            meta = json.loads((folder / "meta.json").read_text())  # what building it cost, reported on every hit
+            self.events.append({"kind": kind, "hit": True, "folder": str(folder), "build_seconds": meta.get("seconds"),
+                                "flops": meta.get("flops"), "info": meta.get("info")})
             return folder
         tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         t0 = time.perf_counter()
         try:
-            info = build(tmp) or {}
+            info, flops, seconds = counted(lambda: build(tmp) or {})
             now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            meta = {"key": key, "info": info, "seconds": time.perf_counter() - t0, "created": now}
+            meta = {"key": key, "info": info, "seconds": seconds, "flops": flops, "created": now}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
             tmp.rename(folder)
         except OSError:  # another process finished the same state first
@@ -85,7 +87,8 @@ class PrepareData:
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.events.append({"kind": kind, "hit": False, "seconds": time.perf_counter() - t0, "folder": str(folder)})
+        self.events.append({"kind": kind, "hit": False, "seconds": time.perf_counter() - t0, "build_seconds": seconds, "flops": flops,
+                            "folder": str(folder), "info": info})
         return folder
 
     def features(self, stream: Stream, protocol, tail: str = "protocol") -> list[dict]:
@@ -104,12 +107,16 @@ class PrepareData:
             raise TTABenchError("features: tail 'short' needs context_len 1 and reset document")
         complete = len(stream.docs) - int(stream.cut)
         t0 = time.perf_counter()
-        store = FeatureStore(self, protocol)
+        store = FeatureStore(self, protocol, stream)
         computed = store.extend(stream, complete)
         out = store.read(stream, complete)
-        # a hit: the shared pass had every complete document
+        # a hit: the shared pass had every complete document; its cost is counted for every cell that reads it
+        index = store._index()
+        per_token = index.get("flops", 0.0) / max(index.get("tokens", 0), 1)
+        per_second = index.get("seconds", 0.0) / max(index.get("tokens", 0), 1)
         self.events.append({"kind": "features", "hit": computed == 0, "pass_tokens": computed,
-                            "tokens": stream.n_tokens, "seconds": time.perf_counter() - t0, "folder": str(store.folder)})
+                            "tokens": stream.n_tokens, "seconds": time.perf_counter() - t0, "folder": str(store.folder),
+                            "build_seconds": per_second * stream.n_tokens, "flops": per_token * stream.n_tokens})
         S = protocol.segment_len
         tails = [d for d in range(complete) if tail == "short" and len(stream.docs[d].ids) > S and len(stream.docs[d].ids) % S]
         if tails or stream.cut:  # rows that differ from the pass's: kept as prepared state of their own
@@ -136,6 +143,28 @@ class PrepareData:
                     else:
                         out[d][name] = rows
         return [{k: torch.from_numpy(v) for k, v in doc.items()} for doc in out]
+
+
+_OPEN: list = []  # [flops, seconds] of the counted regions nested in each open one
+
+
+def counted(fn):
+    """(fn(), the flops it ran, its seconds): flops by FlopCounterMode, halved to fvcore's convention
+    (SPEC 5). A region nested in another (the shared features pass inside a training run) is charged
+    to itself only, so that whether it was cached or not, no cost is counted twice."""
+    from .flops import dispatch_flops
+
+    out, t0 = [], time.perf_counter()
+    _OPEN.append([0.0, 0.0])
+    try:
+        flops = dispatch_flops(lambda: out.append(fn()))
+    finally:
+        nested = _OPEN.pop()
+    seconds = time.perf_counter() - t0
+    if _OPEN:
+        _OPEN[-1][0] += flops - nested[0]
+        _OPEN[-1][1] += seconds - nested[1]
+    return out[0], flops - nested[0], seconds - nested[1]
 
 
 def compute(lm, stream: Stream, protocol, docs: range, tail: str, only_tail: bool = False, bar=None) -> dict[int, dict]:
@@ -198,11 +227,13 @@ class FeatureStore:
     """The cached pass of one (model, task split, protocol): index.json lists each part's documents
     and every document's hash; parts are .npy files of whole documents, each written atomically."""
 
-    def __init__(self, data: PrepareData, protocol):
+    def __init__(self, data: PrepareData, protocol, stream: Stream):
         lm = data.lm
         self.data, self.lm, self.protocol = data, lm, protocol
-        self.key = {"model": lm.fingerprint, "dtype": str(lm.dtype), "source": data.source, "split": data.split,
-                    "protocol": [protocol.segment_len, protocol.context_len, protocol.reset], "version": 1}
+        # keyed by content (the first document), not by task name: tasks that serve the same text share the pass
+        first = _doc_hash(stream.docs[0].ids) if stream.docs else ""
+        self.key = {"model": lm.fingerprint, "dtype": str(lm.dtype), "first_doc": first,
+                    "protocol": [protocol.segment_len, protocol.context_len, protocol.reset], "version": 2}
         self.folder = data.root / "features" / f"{lm.name.replace('/', '_')}-{data.split}-{digest(self.key)}"
 
     @contextmanager
@@ -251,8 +282,12 @@ class FeatureStore:
                 d1, n = d0, 0
                 while d1 < complete and (n < PART_TOKENS or d1 == d0):
                     n, d1 = n + len(stream.docs[d1].ids), d1 + 1
-                computed = compute(self.lm, stream, self.protocol, range(d0, d1), "protocol", bar=bar)
+                computed, flops, seconds = counted(lambda: compute(self.lm, stream, self.protocol, range(d0, d1), "protocol", bar=bar))
                 docs = [computed[d] for d in range(d0, d1)]
+                # the pass's cost so far, so a cell reading part of it is charged its share
+                index["flops"] = index.get("flops", 0.0) + flops
+                index["seconds"] = index.get("seconds", 0.0) + seconds
+                index["tokens"] = index.get("tokens", 0) + sum(len(d.ids) for d in stream.docs[d0:d1])
                 part = {"docs": [d0, d1], "file": f"part-{d0:07d}-{d1:07d}", "names": sorted(docs[0])}
                 for name in part["names"]:
                     tmp = self.folder / f".{part['file']}-{name}.tmp{os.getpid()}.npy"

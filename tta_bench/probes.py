@@ -74,7 +74,7 @@ class CheckData:
         from .data import tokenize
 
         return tokenize(self._task().documents(self.split), self.lm.tokenizer, self.entry["name"], self.split,
-                        self.limits.get("docs"), self.limits.get("tokens"))
+                        self.limits.get("docs"), self.limits.get("tokens"), self.limits.get("doc_tokens"))
 
     def check_stream(self, lengths):
         """The first documents of the evaluated split long enough for `lengths`, each cut to it."""

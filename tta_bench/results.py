@@ -175,3 +175,29 @@ def provenance(device, seed: int, requires: tuple = ()) -> dict:
         "seed": seed,
         "host": platform.node(),
     }
+
+
+def compare_published(run_dir: Path, published: Path, cell_ids: set, tolerance: float = 1e-6) -> list[str]:
+    """Lines saying whether this run's cells reproduce the published ones (same cell id: the same
+    resolved config): nll_sum within `tolerance` relative, else by how much each differs."""
+    run_dir, published = Path(run_dir), Path(published)
+    if run_dir.resolve() == published.resolve():
+        return []
+    mine = {r["cell_id"]: r for r in load_cells(run_dir) if r["cell_id"] in cell_ids and r["status"] == "ok"}
+    theirs = {r["cell_id"]: r for r in load_cells(published)} if (published / "cells").is_dir() else {}
+    both = sorted(set(mine) & set(theirs), key=lambda c: mine[c]["label"])
+    if not both:
+        return [f"reproduction: none of this run's cells is published in {published}"]
+    off = []
+    for c in both:
+        a, b = mine[c]["metrics"]["nll_sum"], theirs[c]["metrics"]["nll_sum"]
+        rel = abs(a - b) / max(abs(b), 1e-300)
+        if not rel <= tolerance:
+            off.append(f"  {mine[c]['label']} on {mine[c]['config']['task'].get('label') or mine[c]['stream']['task']}:"
+                       f" nll_sum {a:.6f}, published {b:.6f} ({rel:.2e} relative)")
+    devices = {theirs[c]["costs"]["device"] for c in both} | {mine[c]["costs"]["device"] for c in both}
+    where = f"{len(both)} of {len(mine)} cells are published in {published}"
+    head = (f"reproduction: all {len(both)} reproduce the published nll_sum within {tolerance:g} relative ({where})" if not off
+            else f"reproduction: {len(off)} of {len(both)} differ from the published nll_sum by more than {tolerance:g} relative ({where}):")
+    note = [f"  the runs used different devices ({'; '.join(sorted(devices))}): only CPU runs are expected to agree"] if len(devices) > 1 else []
+    return [head, *off, *note]

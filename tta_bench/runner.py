@@ -23,7 +23,8 @@ def preflight(cfg: config_mod.BenchConfig) -> None:
         raise TTABenchError(problem)
 
 
-def run(path: str, force: bool = False, progress: bool | None = None, log=print, check: bool | None = None) -> Path:
+def run(path: str, force: bool = False, progress: bool | None = None, log=print, check: bool | None = None,
+        log_tokens: bool | None = None) -> Path:
     """Run every cell of the bench file that has no current result; return the run folder. A cell
     that fails is recorded as failed and the others still run; `RunFailed` is raised at the end
     when any did. With check (or the bench's `check: true`) each cell's record also holds the
@@ -35,6 +36,7 @@ def run(path: str, force: bool = False, progress: bool | None = None, log=print,
 
     cfg = config_mod.load(path)
     check = cfg.check if check is None else check
+    cfg.log_tokens = cfg.log_tokens if log_tokens is None else log_tokens
     if world_size() > 1:
         return run_sharded(cfg, force, progress, log)
     preflight(cfg)
@@ -57,6 +59,11 @@ def run(path: str, force: bool = False, progress: bool | None = None, log=print,
 
         for o in write_leaderboard(run_dir, cell_ids={c.cell_id for c in cells}, log=log):
             log(f"wrote {o}")
+        if cfg.published:
+            from .results import compare_published
+
+            for line in compare_published(run_dir, Path(cfg.published), {c.cell_id for c in cells}):
+                log(line)
     failed = [r["label"] for r in records if r["status"] == "failed"]
     if failed:
         raise RunFailed(f"{len(failed)} of {len(cells)} cells failed ({', '.join(failed)}); their records and logs are in"

@@ -7,10 +7,10 @@ import json
 import time
 from pathlib import Path
 
-from . import cellrun
+from . import cellrun, tokenlog
 from .cells import StreamCache
 from .resume import resume_key, stale_reason
-from .results import SCHEMA, atomic_write, cell_path, provenance
+from .results import SCHEMA, atomic_write, cell_path, provenance, read_cell
 
 
 class Worker:
@@ -38,6 +38,8 @@ class Worker:
             why = None if force else stale_reason(cell_path(run_dir, c.cell_id), keys[c.cell_id])
             if why == "new" and (done or {}).get(c.cell_id) == keys[c.cell_id]:
                 continue
+            if not (force or why) and self.cfg.log_tokens:
+                why = tokenlog.problem(run_dir, read_cell(cell_path(run_dir, c.cell_id))[0])
             if force or why:
                 todo.append(c)
                 if why and why != "new":
@@ -51,7 +53,7 @@ class Worker:
             lm = self.models.get(group[0].model)
             for i, cell in enumerate(group, 1):
                 self.log(f"[{i}/{len(group)}] {cell.label} on {cell.task['name']}:{cell.task['split']} seed {cell.seed}")
-                record = _run_or_fail(cell, lm, self.streams, self.show, self.log, self.check)
+                record = _run_or_fail(cell, lm, self.streams, self.show, self.log, self.check, self.cfg.log_tokens)
                 record["resume_key"] = keys[cell.cell_id]
                 if self.write:
                     write_record(self.cfg.run_dir, record)
@@ -64,6 +66,11 @@ def write_record(run_dir: Path, record: dict) -> None:
     """The cell file, and a failed cell's traceback in the log beside it."""
     record = dict(record)
     trace = record.pop("traceback", None)
+    arrays = record.pop("token_arrays", None)
+    if arrays is not None:  # written first: a record names only a log that is complete
+        name = cell_path(run_dir, record["cell_id"]).with_suffix(tokenlog.SUFFIX).name
+        record["token_log"] = {"file": name, "sha256": tokenlog.write(run_dir / "cells" / name, arrays),
+                               "n_tokens": int(len(arrays["logprob"]))}
     if trace is not None:
         atomic_write(cell_path(run_dir, record["cell_id"]).with_suffix(".log"), trace)
     atomic_write(cell_path(run_dir, record["cell_id"]), json.dumps(record, indent=1, sort_keys=False))
@@ -81,13 +88,19 @@ def _num(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
-def _run_or_fail(cell, lm, streams, show, log, check) -> dict:
+def _run_or_fail(cell, lm, streams, show, log, check, log_tokens=False) -> dict:
     """The cell's record; an exception in it gives a failed record and a traceback file, so the
-    bench goes on (KeyboardInterrupt still stops the run)."""
+    bench goes on (KeyboardInterrupt still stops the run). With log_tokens, the per-token log's
+    arrays ride along under "token_arrays" until write_record stores them."""
     import traceback
 
     try:
-        record = cellrun.run_cell(cell, lm, streams, progress=show, log=log)
+        observer = tokenlog.TokenLog() if log_tokens else None
+        record = cellrun.run_cell(cell, lm, streams, progress=show, log=log, observer=observer)
+        if observer is not None:
+            prep = cell.task["prepare_split"]
+            ranks = tokenlog.frequency_ranks([d.ids for d in streams.get(lm, cell.task, prep, {}).docs] if prep else [], lm.vocab_size)
+            record["token_arrays"] = observer.arrays([d["tokens"] for d in record["per_doc"]], ranks)
         record["status"] = "ok"
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""

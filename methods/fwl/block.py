@@ -47,6 +47,7 @@ class FWLConfig:
     norm: float  # c: the fixed normaliser of every position's inner loss
     eps: float = 1e-5  # LayerNorm
     eta_init: float = 0.01
+    fast: bool = True  # False: the control (SPEC 3), step sizes fixed at 0, so only the slow pass runs
 
 
 class Acts(NamedTuple):
@@ -103,7 +104,8 @@ class FWBlock(nn.Module):
         self.ln_alpha = nn.Parameter(torch.ones(m))
         self.ln_beta = nn.Parameter(torch.zeros(m))
         self.unembed = nn.Linear(m, V, bias=False)
-        self.eta = nn.ParameterDict({k: nn.Parameter(torch.tensor(float(cfg.eta_init))) for k in FAST})
+        eta = float(cfg.eta_init) if cfg.fast else 0.0
+        self.eta = nn.ParameterDict({k: nn.Parameter(torch.tensor(eta), requires_grad=cfg.fast) for k in FAST})
         # FLOP breakdown only: vocabulary projections, dense layers, linear attention inside a chunk, state updates.
         self.op_vocab, self.op_dense, self.op_attn, self.op_state = _Scope(), _Scope(), _Scope(), _Scope()
 
@@ -195,6 +197,8 @@ class FWBlock(nn.Module):
 
         The targets of positions j < i are used at i; position i's own target never is."""
         acts = self.slow(x)
+        if not self.cfg.fast:  # every step size is 0: the fast weights are the slow ones
+            return self.logits(acts.z, base_logits), state if state is not None else self.zero_state(x.shape[0], x)
         gl = self.output_grad(self.logits(acts.z, base_logits), targets)
         z, state = self.fast(x, acts, self.inner_grads(acts, gl), state, chunk)
         return self.logits(z, base_logits), state
@@ -222,6 +226,9 @@ class FWStream:
         targets = torch.cat([next_ids, next_ids.new_full((x.shape[0], 1), -1)], 1)
         acts = b.slow(x)
         slow_logits = b.logits(acts.z, base_logits)
+        if not b.cfg.fast:  # the control: nothing to carry
+            self._pending = "static"
+            return slow_logits
         z, state = b.fast(x, acts, b.inner_grads(acts, b.output_grad(slow_logits, targets)), self.state, self.chunk)
         self._pending = (state, x[:, -1:], Acts(*(t[:, -1:] for t in acts)), slow_logits[:, -1:])
         return b.logits(z, base_logits)
@@ -230,6 +237,9 @@ class FWStream:
         """last_target (1, 1): the target of the segment's last position."""
         if self._pending is None:
             raise TTABenchError("FWStream.commit() without segment_logits(); score the segment first")
+        if self._pending == "static":
+            self._pending = None
+            return
         state, x, acts, slow_logits = self._pending
         b = self.block
         self.state = b.accumulate(state, x, acts, b.inner_grads(acts, b.output_grad(slow_logits, last_target)))
@@ -255,7 +265,8 @@ def score_pass(block: FWBlock, chunk: int, stream: bool) -> Pass:
         def fn(x, base, next_ids, *state):
             s = FWStream(block, chunk)
             s.state = FWState(*state)
-            return (s.segment_logits(x, base, next_ids), *s._pending[0])
+            logits = s.segment_logits(x, base, next_ids)
+            return (logits, *(s._pending[0] if block.cfg.fast else ()))
     else:
         def fn(x, base, targets):
             logits, state = block(x, targets, base, None, chunk)

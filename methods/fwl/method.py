@@ -38,9 +38,17 @@ QUICK = {"size": 8, "train_tokens": 600, "val_tokens": 100, "train_window": 32, 
          "train_steps": 4, "eval_every": 0}
 
 
+def static_control(params) -> dict:
+    """FWL's control (SPEC 3): the same block trained the same way with its step sizes fixed at 0 (its training order aside)."""
+    return {"method": "fwl-static", "params": {k: v for k, v in train_fields(params).items() if k not in ("fast", "train_fast_state")}}
+
+
 @register_method("fwl")
 class FastWeightLayers(Method):
     """Fast Weight Layers (Clark et al. 2022): a meta-learned head whose weights take an SGD step on every earlier token."""
+
+    claim = ("the gains of dynamic evaluation for relatively little extra compute and memory; most on long documents,"
+             " rare and repeated tokens (Clark et al.)")
 
     @dataclass
     class Params(TrainConfig):
@@ -55,6 +63,14 @@ class FastWeightLayers(Method):
             return out
 
     quick_params = QUICK
+
+    @classmethod
+    def adapts_at_test_time(cls, params) -> bool:
+        return params.fast
+
+    @classmethod
+    def control(cls, params):
+        return static_control(params) if params.fast else None
 
     def __init__(self, lm, params, seed=0, protocol=None):
         super().__init__(lm, params, seed, protocol)
@@ -87,7 +103,7 @@ class FastWeightLayers(Method):
             def train(folder):
                 block, base, info = train_block(self.lm, p, stream, data, progress=data.progress, log=data.log)
                 save_checkpoint(folder / "block.safetensors", block, base, info, stream_runs([d.ids for d in stream.docs]))
-                return {k: info[k] for k in ("train_seconds", "train_tokens", "best_step", "val_nll")}
+                return {k: info[k] for k in ("train_seconds", "train_tokens", "steps", "best_step", "val_nll", "history")}
 
             folder = data.cached("fwl-block", stream, {"format": FORMAT, "train": train_fields(p)}, train)
             block, base, info = load_checkpoint(folder / "block.safetensors", self.lm.device)
@@ -170,6 +186,23 @@ class FastWeightLayers(Method):
         return fvcore_count(commit_pass(self.block), (x, base, torch.zeros(1, n, dtype=torch.long, device=x.device), *state))
 
 
+@register_method("fwl-static")
+class FWLStatic(FastWeightLayers):
+    """Control for fwl (SPEC 3): the same block trained the same way with its step sizes fixed at 0 from the start."""
+
+    claim = ""
+
+    @dataclass
+    class Params(FastWeightLayers.Params):
+        fast: bool = False
+
+        def problems(self) -> list[str]:
+            out = FastWeightLayers.Params.problems(self)
+            if self.fast:
+                out.append("fwl-static is the block with step sizes fixed at 0; use fwl for fast weights")
+            return out
+
+
 @register_method("fwl-dynamic-eval")
 class FWLDynamicEval(FastWeightLayers):
     """FWL plus dynamic evaluation: after scoring, an SGD/RMS step on the segment's NLL over the FW block's (or all) weights."""
@@ -192,6 +225,14 @@ class FWLDynamicEval(FastWeightLayers):
                 self.dyn_lr, self.dyn_decay, self.dyn_eps, self.n_stat_segments, prefix="dyn_")
 
     quick_params = {**QUICK, "n_stat_segments": 2}
+
+    @classmethod
+    def adapts_at_test_time(cls, params) -> bool:
+        return True  # dynamic evaluation, whether or not the block has fast weights
+
+    @classmethod
+    def control(cls, params):
+        return static_control(params)
 
     def __init__(self, lm, params, seed=0, protocol=None):
         super().__init__(lm, params, seed, protocol)

@@ -52,13 +52,15 @@ class TrainConfig:
     eta_lr: float = 1e-2  # Adam learning rate of the step sizes
     train_seed: int = 0
     eval_every: int = 25  # steps between validation losses (0: only at the end)
+    patience: int = 0  # stop after this many validations without a better loss (0: run every step)
+    fast: bool = True  # False: the control (SPEC 3), the same block trained with its step sizes fixed at 0
 
     def problems(self) -> list[str]:
         out = []
         for k in ("size", "train_tokens", "train_window", "train_seq_len", "train_steps"):
             if getattr(self, k) < 1:
                 out.append(f"{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("top_blocks", "val_tokens", "eval_every"):
+        for k in ("top_blocks", "val_tokens", "eval_every", "patience"):
             if getattr(self, k) < 0:
                 out.append(f"{k} must be >= 0, got {getattr(self, k)}")
         for k in ("lr", "eta_lr"):
@@ -71,7 +73,7 @@ class TrainConfig:
         return out
 
     def block_config(self, lm) -> FWLConfig:
-        return FWLConfig(lm.hidden_size, self.size, lm.vocab_size, self.norm or 1.0 / self.train_seq_len)
+        return FWLConfig(lm.hidden_size, self.size, lm.vocab_size, self.norm or 1.0 / self.train_seq_len, fast=self.fast)
 
 
 def train_fields(obj) -> dict:
@@ -269,7 +271,8 @@ def train_block(lm, tc: TrainConfig, stream, data, progress: bool = True, log=pr
     for _, p in base_named:
         p.requires_grad_(True)
     slow = [p for _, p in block.slow_parameters()] + [p for _, p in base_named]
-    opt = torch.optim.Adam([{"params": slow, "lr": tc.lr}, {"params": list(block.eta.parameters()), "lr": tc.eta_lr}])
+    groups = [{"params": slow, "lr": tc.lr}] + ([{"params": list(block.eta.parameters()), "lr": tc.eta_lr}] if tc.fast else [])
+    opt = torch.optim.Adam(groups)
     chunk = min(tc.train_seq_len, 128)
     history = []
     bar = None
@@ -282,18 +285,19 @@ def train_block(lm, tc: TrainConfig, stream, data, progress: bool = True, log=pr
     say(f"FWL training: {n_train_tokens} tokens in {len(train)} sequences, {sum(len(p.targets) for p in val)} validation"
         f" tokens; base hidden states {t_hidden:.0f}s")
     order: list = []
-    ema, best, state = None, None, None
+    ema, best, state, stale = None, None, None, 0
 
     def validate(step):
-        nonlocal best
+        nonlocal best, stale
         v, vb = _validate(lm, block, val, tc, chunk)
         history.append({"step": step, "val_nll": v, "val_nll_base": vb, "train_nll_ema": ema,
                         "seconds": time.perf_counter() - t0})
         etas = " ".join(f"{k}={block.eta[k].item():.3g}" for k in FAST)
         say(f"step {step}: val nll {v:.4f} (base {vb:.4f}), train {ema if ema is None else round(ema, 4)}; eta {etas}")
+        stale += 1
         if best is None or v < best[1]:  # early stopping: keep the weights of the best validation loss
-            best = (step, v, {k: t.detach().clone() for k, t in block.state_dict().items()},
-                    {n: q.detach().clone() for n, q in base_named})
+            best, stale = (step, v, {k: t.detach().clone() for k, t in block.state_dict().items()},
+                           {n: q.detach().clone() for n, q in base_named}), 0
 
     try:
         if val and tc.eval_every:
@@ -314,6 +318,9 @@ def train_block(lm, tc: TrainConfig, stream, data, progress: bool = True, log=pr
                 bar.set_postfix(loss=f"{ema:.3f}")
             if val and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.train_steps):
                 validate(step)
+                if tc.patience and stale >= tc.patience:
+                    say(f"FWL training: stopped at step {step}, {stale} validations without improvement")
+                    break
     finally:
         if bar is not None:
             bar.close()
@@ -328,7 +335,7 @@ def train_block(lm, tc: TrainConfig, stream, data, progress: bool = True, log=pr
     for p in block.parameters():
         p.requires_grad_(False)
     info = {"train_seconds": time.perf_counter() - t0, "hidden_seconds": t_hidden, "train_tokens": n_train_tokens,
-            "best_step": best[0] if best else tc.train_steps, "val_nll": best[1] if best else None,
+            "steps": step, "best_step": best[0] if best else tc.train_steps, "val_nll": best[1] if best else None,
             "val_tokens": sum(len(p.targets) for p in val), "history": history, "model": lm.fingerprint,
             "model_name": lm.name, "data": [stream.task, stream.split, stream.fingerprint], "train": train_fields(tc),
             "threads": torch.get_num_threads(), "device": str(lm.device)}

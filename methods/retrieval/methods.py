@@ -14,6 +14,13 @@ from tta_bench.registry import register_method
 from .cache import CachePart, cache_problems
 from .knn import KnnPart, knn_problems
 
+KNN_FIELDS = ("k", "lam", "temperature", "key", "index", "nlist", "code_size", "nprobe", "rerank", "datastore_tokens")
+
+
+def knn_control(p) -> dict:
+    """kNN-LM's control (SPEC 3): the same datastore, static (no scored token added)."""
+    return {"method": "knn-lm", "params": {**{k: getattr(p, k) for k in KNN_FIELDS}, "online": False}}
+
 
 @register_method("knn-lm")
 class KnnLM(Method):
@@ -41,6 +48,14 @@ class KnnLM(Method):
     quick_params = {"k": 16, "datastore_tokens": 2000}
     # the validity checks also run these on the tiny model (64-dim keys)
     check_variants = [{"online": True}, {"index": "ivfpq", "nlist": 4, "code_size": 8, "nprobe": 2, "online": True}]
+
+    @classmethod
+    def adapts_at_test_time(cls, params) -> bool:
+        return params.online  # static: the datastore is domain adaptation, not test-time adaptation
+
+    @classmethod
+    def control(cls, params):
+        return knn_control(params) if params.online else None
 
     def prepare(self, data):
         self.knn = KnnPart(self, self.params)
@@ -127,6 +142,10 @@ class KnnCache(Method):
         super().__init__(*args, **kwargs)
         p = self.params
         self.cache = CachePart(self, p.window, p.theta, p.cache_lam)
+
+    @classmethod
+    def control(cls, params):
+        return knn_control(params)
 
     def prepare(self, data):
         self.knn = KnnPart(self, self.params)
