@@ -165,3 +165,15 @@ def test_a_run_says_whether_it_reproduces_the_published_cells(tmp_path):
     write(tmp_path / "same", [close])
     assert "all 1 reproduce" in compare_published(tmp_path / "same", tmp_path / "pub", {"none"})[0]
     assert "none of this run's cells" in compare_published(tmp_path / "same", tmp_path / "nothing", {"none"})[0]
+
+
+def test_prepare_costs_are_the_same_whether_built_or_cached(tiny_lm):
+    """A cell that finds its block cached is charged what building it cost, the shared feature pass
+    its build read included, and nothing twice."""
+    first = make(tiny_lm, train_steps=3, size=6)  # a size no other test uses: built here
+    again = make(tiny_lm, train_steps=3, size=6)
+    assert not next(e for e in first._events if e["kind"] == "fwl-block")["hit"]
+    assert all(e["hit"] for e in again._events)
+    assert sorted(e["kind"] for e in again._events) == sorted(e["kind"] for e in first._events)
+    total = sum(e["flops"] for e in first._events)
+    assert total > 0 and sum(e["flops"] for e in again._events) == pytest.approx(total)

@@ -319,6 +319,7 @@ def option_variants(cls) -> list[dict]:
         values = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else (True, False) if tp is bool else ()
         default = field.default
         out += [{name: v} for v in values if v != default and not (name in cls.quick_params)]
+    out += [v for v in cls.check_variants if v not in out]
     return [o for o in out if not cls.make_params(o)[1]]  # only values the method accepts (fwl-static: fast false)
 
 

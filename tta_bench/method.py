@@ -37,6 +37,9 @@ class Method:
     # Parameter overrides that make a cheap run on the tiny test model (validity checks and the
     # tests parametrised over every method use them), e.g. {"train_steps": 5}.
     quick_params: dict = {}
+    # Settings the validity checks and the tests over every method also run (beside each discrete option's
+    # other values), e.g. a combination whose code path differs.
+    check_variants: list = []
     # What the method's paper claims about it (SPEC 9), printed by `report` beside what was measured.
     claim: str = ""
 

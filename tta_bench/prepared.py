@@ -71,15 +71,17 @@ class PrepareData:
             meta = json.loads((folder / "meta.json").read_text())  # what building it cost, reported on every hit
             self.events.append({"kind": kind, "hit": True, "folder": str(folder), "build_seconds": meta.get("seconds"),
                                 "flops": meta.get("flops"), "info": meta.get("info")})
+            self.events.extend(meta.get("nested", []))  # and what its build used (the shared pass): a hit costs what a miss did
             return folder
         tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), len(self.events)
         try:
             info, flops, seconds = counted(lambda: build(tmp) or {})
             now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            meta = {"key": key, "info": info, "seconds": seconds, "flops": flops, "created": now}
+            nested = [{**e, "hit": True} for e in self.events[before:]]
+            meta = {"key": key, "info": info, "seconds": seconds, "flops": flops, "created": now, "nested": nested}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
             tmp.rename(folder)
         except OSError:  # another process finished the same state first

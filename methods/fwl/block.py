@@ -23,7 +23,9 @@ each fast parameter (`FWState`, so the weights at chunk k are literally W - eta_
 strictly causal part inside a chunk is a masked (chunk x chunk) product. Cost and memory are linear in
 the length; the state can be carried across segments (`FWStream`: fast_state document).
 
-Training lives in `train.py`, the method classes in `method.py`.
+Decayed, multi-timescale fast weights (`timescales`: each earlier position's gradient discounted by a
+learned gamma_s^(i-1-j), one step size per timescale) live in `decayed.py`; their state has a slice per
+timescale. Training lives in `train.py`, the method classes in `method.py`.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tta_bench.errors import TTABenchError
+
+from . import decayed
 
 FAST = ("w1", "b1", "w2", "b2", "alpha", "beta")  # the fast parameters, each with its own step size
 
@@ -48,6 +52,7 @@ class FWLConfig:
     eps: float = 1e-5  # LayerNorm
     eta_init: float = 0.01
     fast: bool = True  # False: the control (SPEC 3), step sizes fixed at 0, so only the slow pass runs
+    timescales: tuple = ()  # decayed fast weights (decayed.py), one per timescale tau: gamma starts at 1 - 1/tau
 
 
 class Acts(NamedTuple):
@@ -105,13 +110,24 @@ class FWBlock(nn.Module):
         self.ln_beta = nn.Parameter(torch.zeros(m))
         self.unembed = nn.Linear(m, V, bias=False)
         eta = float(cfg.eta_init) if cfg.fast else 0.0
-        self.eta = nn.ParameterDict({k: nn.Parameter(torch.tensor(eta), requires_grad=cfg.fast) for k in FAST})
+        shape = (len(cfg.timescales),) if cfg.timescales else ()  # a step size per timescale
+        self.eta = nn.ParameterDict({k: nn.Parameter(torch.full(shape, eta), requires_grad=cfg.fast) for k in FAST})
+        if cfg.timescales:  # gamma = sigmoid(a), learned, a shared by every fast parameter
+            gamma = torch.tensor([1 - 1 / float(t) for t in cfg.timescales])
+            self.decay_logit = nn.Parameter(torch.log(gamma / (1 - gamma)), requires_grad=cfg.fast)
         # FLOP breakdown only: vocabulary projections, dense layers, linear attention inside a chunk, state updates.
         self.op_vocab, self.op_dense, self.op_attn, self.op_state = _Scope(), _Scope(), _Scope(), _Scope()
 
     def slow_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Every parameter except the step sizes."""
-        return [(n, p) for n, p in self.named_parameters() if not n.startswith("eta.")]
+        """Every parameter except the step sizes and decays."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith(("eta.", "decay_logit"))]
+
+    def step_parameters(self) -> list[nn.Parameter]:
+        """The step sizes, and the decays of decayed fast weights."""
+        return list(self.eta.parameters()) + ([self.decay_logit] if self.cfg.timescales else [])
+
+    def gammas(self) -> torch.Tensor:
+        return torch.sigmoid(self.decay_logit)
 
     # -- slow pass and inner gradient -----------------------------------------------------------
     def _normalize(self, h2):
@@ -152,7 +168,8 @@ class FWBlock(nn.Module):
     # -- fast pass --------------------------------------------------------------------------------
     def zero_state(self, batch: int, like: torch.Tensor) -> FWState:
         d, m = self.cfg.d_in, self.cfg.size
-        z = lambda *s: torch.zeros((batch, *s), dtype=like.dtype, device=like.device)  # noqa: E731
+        per = (len(self.cfg.timescales),) if self.cfg.timescales else ()  # decayed: a slice per timescale
+        z = lambda *s: torch.zeros((batch, *per, *s), dtype=like.dtype, device=like.device)  # noqa: E731
         return FWState(z(4 * m, d), z(4 * m), z(m, 4 * m), z(m), z(m), z(m))
 
     def _fast_dense(self, u, k, g, layer, wk, bk, acc_w, acc_b, chunk):
@@ -174,6 +191,8 @@ class FWBlock(nn.Module):
         """The LayerNorm output z at every position from the fast weights, and the state after the sequence."""
         if state is None:
             state = self.zero_state(x.shape[0], x)
+        if self.cfg.timescales:
+            return self._fast_decayed(x, acts, grads, state, chunk)
         h1, w1, b1 = self._fast_dense(x, x, grads.h1, self.dense1, "w1", "b1", state.w1, state.b1, chunk)
         a = F.relu(h1).square()
         h2, w2, b2 = self._fast_dense(a, acts.a, grads.h2, self.dense2, "w2", "b2", state.w2, state.b2, chunk)
@@ -184,12 +203,27 @@ class FWBlock(nn.Module):
         new = FWState(w1, b1, w2, b2, state.alpha + g_alpha.sum(1), state.beta + g_beta.sum(1))
         return alpha * xhat + beta, new
 
+    def _fast_decayed(self, x, acts, grads, state, chunk):
+        """fast() with decayed, multi-timescale fast weights (decayed.py)."""
+        h1, w1, b1 = decayed.fast_dense(self, x, x, grads.h1, self.dense1, "w1", "b1", state.w1, state.b1, chunk)
+        a = F.relu(h1).square()
+        h2, w2, b2 = decayed.fast_dense(self, a, acts.a, grads.h2, self.dense2, "w2", "b2", state.w2, state.b2, chunk)
+        xhat, _ = self._normalize(h2)
+        sums_alpha, alpha_state = decayed.decayed_sum(self, grads.z * acts.xhat, state.alpha, chunk)
+        sums_beta, beta_state = decayed.decayed_sum(self, grads.z, state.beta, chunk)
+        alpha = self.ln_alpha - (self.eta["alpha"][None, :, None, None] * sums_alpha).sum(1)
+        beta = self.ln_beta - (self.eta["beta"][None, :, None, None] * sums_beta).sum(1)
+        return alpha * xhat + beta, FWState(w1, b1, w2, b2, alpha_state, beta_state)
+
     def accumulate(self, state: FWState, x: torch.Tensor, acts: Acts, grads: Grads) -> FWState:
-        """The state after adding the gradients of positions (x, acts, grads) (all batch first)."""
-        mm = lambda g, k: self.op_state(torch.matmul, g.transpose(1, 2), k)  # noqa: E731
-        return FWState(state.w1 + mm(grads.h1, x), state.b1 + grads.h1.sum(1),
-                       state.w2 + mm(grads.h2, acts.a), state.b2 + grads.h2.sum(1),
-                       state.alpha + (grads.z * acts.xhat).sum(1), state.beta + grads.z.sum(1))
+        """The state after adding the gradients of positions (x, acts, grads) (all batch first). Decayed
+        fast weights: added to every timescale undecayed, as FWStream.commit needs (the pass that saw
+        the position already decayed the state for it, with its gradient unknown)."""
+        per = (lambda t: t.unsqueeze(1)) if self.cfg.timescales else (lambda t: t)  # noqa: E731
+        mm = lambda g, k: per(self.op_state(torch.matmul, g.transpose(1, 2), k))  # noqa: E731
+        return FWState(state.w1 + mm(grads.h1, x), state.b1 + per(grads.h1.sum(1)),
+                       state.w2 + mm(grads.h2, acts.a), state.b2 + per(grads.h2.sum(1)),
+                       state.alpha + per((grads.z * acts.xhat).sum(1)), state.beta + per(grads.z.sum(1)))
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor, base_logits: torch.Tensor | None = None,
                 state: FWState | None = None, chunk: int = 128) -> tuple[torch.Tensor, FWState]:

@@ -11,6 +11,10 @@ fast_state:
   reset=document, never under reset=never). A segment's new positions see every earlier position's
   gradient; the last one's target arrives in adapt(), which adds it to the state.
 - `window`: the state starts empty for every segment and covers its whole input window (context included).
+
+`timescales` (decayed.py): every earlier position's gradient is discounted by a learned gamma^(distance),
+one step size per timescale, so a state carried through a long document keeps steps of the size training
+saw; train it with the state carried (`train_fast_state: document`, the default when fast_state is document).
 """
 from __future__ import annotations
 
@@ -39,8 +43,10 @@ QUICK = {"size": 8, "train_tokens": 600, "val_tokens": 100, "train_window": 32, 
 
 
 def static_control(params) -> dict:
-    """FWL's control (SPEC 3): the same block trained the same way with its step sizes fixed at 0 (its training order aside)."""
-    return {"method": "fwl-static", "params": {k: v for k, v in train_fields(params).items() if k not in ("fast", "train_fast_state")}}
+    """FWL's control (SPEC 3): the same block trained the same way with its step sizes fixed at 0 (its training
+    order and timescales aside: without fast weights they change nothing)."""
+    skip = ("fast", "train_fast_state", "timescales")
+    return {"method": "fwl-static", "params": {k: v for k, v in train_fields(params).items() if k not in skip}}
 
 
 @register_method("fwl")
@@ -63,6 +69,7 @@ class FastWeightLayers(Method):
             return out
 
     quick_params = QUICK
+    check_variants = [{"fast_state": "document", "timescales": [8.0, 64.0]}]  # decayed fast weights carried through documents
 
     @classmethod
     def adapts_at_test_time(cls, params) -> bool:

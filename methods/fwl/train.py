@@ -54,6 +54,9 @@ class TrainConfig:
     eval_every: int = 25  # steps between validation losses (0: only at the end)
     patience: int = 0  # stop after this many validations without a better loss (0: run every step)
     fast: bool = True  # False: the control (SPEC 3), the same block trained with its step sizes fixed at 0
+    # decayed, multi-timescale fast weights (decayed.py): one timescale tau per entry, gamma from 1 - 1/tau;
+    # empty: the paper's undecayed sum over every earlier position
+    timescales: list[float] = dataclasses.field(default_factory=list)
 
     def problems(self) -> list[str]:
         out = []
@@ -68,12 +71,15 @@ class TrainConfig:
                 out.append(f"{k} must be > 0, got {getattr(self, k)}")
         if self.norm < 0:
             out.append(f"norm must be >= 0 (0: 1/train_seq_len), got {self.norm}")
+        if any(not t > 1 for t in self.timescales):
+            out.append(f"timescales must each be > 1 (tokens; gamma starts at 1 - 1/tau), got {self.timescales}")
         if self.val_tokens >= self.train_tokens:
             out.append(f"val_tokens ({self.val_tokens}) must be smaller than train_tokens ({self.train_tokens})")
         return out
 
     def block_config(self, lm) -> FWLConfig:
-        return FWLConfig(lm.hidden_size, self.size, lm.vocab_size, self.norm or 1.0 / self.train_seq_len, fast=self.fast)
+        return FWLConfig(lm.hidden_size, self.size, lm.vocab_size, self.norm or 1.0 / self.train_seq_len, fast=self.fast,
+                         timescales=tuple(self.timescales))
 
 
 def train_fields(obj) -> dict:
@@ -111,7 +117,8 @@ def load_checkpoint(path, device="cpu") -> tuple[FWBlock, dict[str, torch.Tensor
         if meta.get("format") != FORMAT:
             raise TTABenchError(f"{path} is not a tta-bench FWL checkpoint (format {meta.get('format')!r}); leave `checkpoint` empty to train one")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    block = FWBlock(FWLConfig(**json.loads(meta["config"])))
+    cfg = json.loads(meta["config"])
+    block = FWBlock(FWLConfig(**{**cfg, "timescales": tuple(cfg.get("timescales", ()))}))
     block.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("block.")})
     info = json.loads(meta["info"])
     base = {k[5:]: v for k, v in tensors.items() if k.startswith("base.")}
@@ -271,7 +278,7 @@ def train_block(lm, tc: TrainConfig, stream, data, progress: bool = True, log=pr
     for _, p in base_named:
         p.requires_grad_(True)
     slow = [p for _, p in block.slow_parameters()] + [p for _, p in base_named]
-    groups = [{"params": slow, "lr": tc.lr}] + ([{"params": list(block.eta.parameters()), "lr": tc.eta_lr}] if tc.fast else [])
+    groups = [{"params": slow, "lr": tc.lr}] + ([{"params": block.step_parameters(), "lr": tc.eta_lr}] if tc.fast else [])
     opt = torch.optim.Adam(groups)
     chunk = min(tc.train_seq_len, 128)
     history = []
@@ -292,7 +299,9 @@ def train_block(lm, tc: TrainConfig, stream, data, progress: bool = True, log=pr
         v, vb = _validate(lm, block, val, tc, chunk)
         history.append({"step": step, "val_nll": v, "val_nll_base": vb, "train_nll_ema": ema,
                         "seconds": time.perf_counter() - t0})
-        etas = " ".join(f"{k}={block.eta[k].item():.3g}" for k in FAST)
+        etas = " ".join(f"{k}=" + "/".join(f"{v:.3g}" for v in block.eta[k].reshape(-1).tolist()) for k in FAST)
+        if tc.timescales:
+            etas += "; gamma " + "/".join(f"{v:.5f}" for v in block.gammas().tolist())
         say(f"step {step}: val nll {v:.4f} (base {vb:.4f}), train {ema if ema is None else round(ema, 4)}; eta {etas}")
         stale += 1
         if best is None or v < best[1]:  # early stopping: keep the weights of the best validation loss
