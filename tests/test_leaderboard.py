@@ -161,3 +161,14 @@ def test_readme_block_is_regenerated_in_place(results, tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
     assert "| lb-uniform" in text and "![perplexity against FLOPs" in text
+
+
+def test_a_rerun_that_computes_nothing_keeps_the_tables_unless_one_is_missing(results):
+    run_dir, bench = results
+    said = []
+    run(str(bench), log=said.append)
+    assert any("is up to date: no cell changed" in s for s in said) and not any(s.startswith("wrote") for s in said)
+    (run_dir / "leaderboard.csv").unlink()
+    said.clear()
+    run(str(bench), log=said.append)
+    assert (run_dir / "leaderboard.csv").is_file() and any(s.startswith("wrote") for s in said)

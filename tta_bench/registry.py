@@ -276,6 +276,26 @@ def _package_top(file: Path) -> Path | None:
     return top
 
 
+_IMPORTS: dict = {}  # (file, mtime, size) -> its `from ... import` statements: parsed once per version of a file
+
+
+def _imports_from(file: Path) -> list[tuple[int, list[str]]]:
+    """(level, module parts) of every `from X import ...` in `file` ([] when it cannot be parsed)."""
+    try:
+        st = file.stat()
+    except OSError:
+        return []
+    key = (file, st.st_mtime_ns, st.st_size)
+    if key not in _IMPORTS:
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError):
+            tree = None
+        _IMPORTS[key] = [] if tree is None else [(n.level, n.module.split(".")) for n in ast.walk(tree)
+                                                 if isinstance(n, ast.ImportFrom) and n.module]
+    return _IMPORTS[key]
+
+
 def _code_files(file: Path, seen: set) -> None:
     """`file`, its package's files, and those of the built-in packages it imports (absolutely, or
     relatively beyond its package), recursively."""
@@ -284,20 +304,13 @@ def _code_files(file: Path, seen: set) -> None:
     new = [f for f in files if f not in seen]
     seen.update(new)
     for f in new:
-        try:
-            tree = ast.parse(f.read_text(encoding="utf-8"))
-        except (OSError, SyntaxError):
-            continue
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.ImportFrom) or not node.module:
-                continue
-            parts = node.module.split(".")
-            if node.level == 0 and parts[0] in _BUILTIN_PACKAGES.values():
+        for level, parts in _imports_from(f):
+            if level == 0 and parts[0] in _BUILTIN_PACKAGES.values():
                 kind = next(k for k, v in _BUILTIN_PACKAGES.items() if v == parts[0])
                 base = _builtin_folder(kind)
                 target = base.joinpath(*parts[1:]) if base else None
-            elif node.level > 1:
-                target = f.parent.joinpath(*[".."] * (node.level - 1), *parts).resolve()
+            elif level > 1:
+                target = f.parent.joinpath(*[".."] * (level - 1), *parts).resolve()
             else:
                 continue
             for cand in (target, target.with_suffix(".py") if target else None):

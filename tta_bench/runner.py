@@ -13,7 +13,7 @@ from .cellrun import prepare_summary, retain_freed_memory
 from .cells import StreamCache, build_cell, selection_cells
 from .errors import RunFailed, TTABenchError
 from .resume import resume_key
-from .results import RunLock, writable_problem
+from .results import RunLock, cell_path, writable_problem
 from .worker import ModelCache, Worker, by_model
 
 
@@ -57,8 +57,11 @@ def run(path: str, force: bool = False, progress: bool | None = None, log=print,
             records = run_remote(cfg, cells, force, check, log)
         from .leaderboard import write_leaderboard
 
-        for o in write_leaderboard(run_dir, cell_ids={c.cell_id for c in cells}, log=log):
-            log(f"wrote {o}")
+        if records or not _tables_current(run_dir, cells):
+            for o in write_leaderboard(run_dir, cell_ids={c.cell_id for c in cells}, log=log):
+                log(f"wrote {o}")
+        else:
+            log(f"{run_dir / 'leaderboard.md'} is up to date: no cell changed")
         if cfg.published:
             from .results import compare_published
 
@@ -69,6 +72,16 @@ def run(path: str, force: bool = False, progress: bool | None = None, log=print,
         raise RunFailed(f"{len(failed)} of {len(cells)} cells failed ({', '.join(failed)}); their records and logs are in"
                         f" {run_dir / 'cells'}; a rerun retries them")
     return run_dir
+
+
+def _tables_current(run_dir: Path, cells) -> bool:
+    """Whether every table file exists and was written after every cell file of this run."""
+    tables = [run_dir / f"leaderboard.{ext}" for ext in ("md", "csv", "json", "html")]
+    cell_files = [cell_path(run_dir, c.cell_id) for c in cells]
+    try:
+        return min(t.stat().st_mtime_ns for t in tables) >= max(f.stat().st_mtime_ns for f in cell_files)
+    except (OSError, ValueError):
+        return False
 
 
 def prepare(path: str, progress: bool | None = None, log=print) -> int:

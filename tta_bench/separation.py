@@ -114,6 +114,10 @@ def _describe(where, hit, ev_titles, unit) -> str:
     return f"{where} shares a run of {RUN} {unit} with the evaluated document '{title}' ({unit[:-1]} {pos})"
 
 
+_VOCAB: dict = {}  # word -> id, one numbering for every check in this process, so a split's word runs can be kept
+_PREPARED_WORDS: dict = {}  # prepare split text hash -> (its documents as word ids, their runs)
+
+
 def check_task_text(task, split: str, prep: str | None, name: str) -> str | None:
     """validate's check of one task entry: the files the two splits read, their documents, and runs
     of RUN words. A problem, or None."""
@@ -125,10 +129,12 @@ def check_task_text(task, split: str, prep: str | None, name: str) -> str | None
     if shared:
         return (f"{name}: the prepare split '{prep}' and the evaluated split '{split}' both read {shared[0]};"
                 " point them at different files (SPEC 2)")
-    vocab: dict = {}
-    ev_ids = [_words(d.text, vocab) for d in ev_docs]
-    prep_ids = [_words(d.text, vocab) for d in prep_docs]
-    hit = first_overlap(stream_runs(prep_ids), ev_ids, prep_ids)
+    key = hashlib.sha256("\x00".join(d.text for d in prep_docs).encode()).hexdigest()
+    if key not in _PREPARED_WORDS:  # two task entries that prepare on the same text read its words once
+        ids = [_words(d.text, _VOCAB) for d in prep_docs]
+        _PREPARED_WORDS[key] = (ids, stream_runs(ids))
+    prep_ids, prep_runs = _PREPARED_WORDS[key]
+    hit = first_overlap(prep_runs, [_words(d.text, _VOCAB) for d in ev_docs], prep_ids)
     if hit is None:
         return None
     return (f"{name}: " + _describe(f"the prepare split '{prep}'", hit, [d.title for d in ev_docs], "words")
