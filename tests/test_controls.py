@@ -8,28 +8,12 @@ import json
 import pytest
 import torch
 
-from tests.test_fwl import PREP, TEXT, make, run, stream_of
-from tta_bench.data import Document, tokenize
+from tests.test_fwl import TEXT, make, run, stream_of
 from tta_bench.evaluate import Protocol
-from tta_bench.flops import Ledger
 from tta_bench.method import method_class
-from tta_bench.prepared import PrepareData
 from tta_bench.registry import discover
 
 PROTOCOL = Protocol(16, 1, "document")
-
-
-def _prepared(lm, name, **values):
-    discover()
-    cls = method_class(name)
-    params, errs = cls.make_params({**cls.quick_params, **values})
-    assert not errs, errs
-    lm.ledger = Ledger(lm.fingerprint)
-    method = cls(lm, params, protocol=PROTOCOL)
-    data = PrepareData("train", lambda limit_tokens=None, limit_docs=None:
-                       tokenize([Document("p", t) for t in PREP], lm.tokenizer, "t", "train", limit_docs, limit_tokens), lm)
-    method.prepare(data)
-    return method, data
 
 
 def test_fwl_static_is_trained_with_step_sizes_zero_and_runs_only_the_slow_block(tiny_lm):
@@ -74,7 +58,7 @@ def test_controls_name_the_matching_setting():
 
 def test_finetune_lowers_the_validation_loss_and_scores_with_its_own_copy(tiny_lm):
     before = {n: p.detach().clone() for n, p in tiny_lm.model.named_parameters()}
-    ft, data = _prepared(tiny_lm, "finetune", train_steps=12, eval_every=4, train_lr=3e-3)
+    ft = make(tiny_lm, "finetune", PROTOCOL, train_steps=12, eval_every=4, train_lr=3e-3)
     history = ft.info["history"]
     assert history[0]["step"] == 0 and min(h["val_nll"] for h in history[1:]) < history[0]["val_nll"] - 0.01
     assert ft.info["val_nll"] == min(h["val_nll"] for h in history)  # the best weights are kept
@@ -83,18 +67,18 @@ def test_finetune_lowers_the_validation_loss_and_scores_with_its_own_copy(tiny_l
     changed = {n for n, p in ft.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".layers.1." in n for n in changed), changed
     # the prepared weights come from the cache the second time, identical
-    again, data2 = _prepared(tiny_lm, "finetune", train_steps=12, eval_every=4, train_lr=3e-3)
-    assert data2.events[-1]["hit"] and data2.events[-1]["flops"] == data.events[-1]["flops"] > 0
+    again = make(tiny_lm, "finetune", PROTOCOL, train_steps=12, eval_every=4, train_lr=3e-3)
+    assert again._events[-1]["hit"] and again._events[-1]["flops"] == ft._events[-1]["flops"] > 0
     assert all(torch.equal(p, dict(again.model.named_parameters())[n]) for n, p in ft.model.named_parameters())
 
 
 def test_finetune_dynamic_eval_starts_from_the_finetuned_weights_and_gives_the_base_back(tiny_lm):
     values = {"train_steps": 8, "eval_every": 4, "train_lr": 3e-3, "lr": 0.05}
     before = {n: p.detach().clone() for n, p in tiny_lm.model.named_parameters()}
-    ft, _ = _prepared(tiny_lm, "finetune", **{k: v for k, v in values.items() if k != "lr"})
+    ft = make(tiny_lm, "finetune", PROTOCOL, **{k: v for k, v in values.items() if k != "lr"})
     stream = stream_of(tiny_lm, TEXT)
     static = run(ft, stream, PROTOCOL)
-    dyn, _ = _prepared(tiny_lm, "finetune-dynamic-eval", **values)
+    dyn = make(tiny_lm, "finetune-dynamic-eval", PROTOCOL, **values)
     try:
         adapted = run(dyn, stream, PROTOCOL)
     finally:

@@ -230,11 +230,10 @@ def stream_of(lm, texts, split="test"):
 
 
 def make(lm, name="fwl", protocol=None, **values):
-    from tta_bench_methods.fwl.method import QUICK
-
+    """A prepared method with its quick parameters (and `values`) on the PREP text."""
     discover()
     cls = method_class(name)
-    params, errs = cls.make_params({**QUICK, **values})
+    params, errs = cls.make_params({**cls.quick_params, **values})
     assert not errs, errs
     lm.ledger = Ledger(lm.fingerprint)
     method = cls(lm, params, protocol=protocol)

@@ -110,10 +110,9 @@ class PrepareData:
         complete = len(stream.docs) - int(stream.cut)
         t0 = time.perf_counter()
         store = FeatureStore(self, protocol, stream)
-        computed = store.extend(stream, complete)
-        out = store.read(stream, complete)
+        computed, index = store.extend(stream, complete)
+        out = store.read(stream, complete, index)
         # a hit: the shared pass had every complete document; its cost is counted for every cell that reads it
-        index = store._index()
         per_token = index.get("flops", 0.0) / max(index.get("tokens", 0), 1)
         per_second = index.get("seconds", 0.0) / max(index.get("tokens", 0), 1)
         self.events.append({"kind": "features", "hit": computed == 0, "pass_tokens": computed,
@@ -259,8 +258,8 @@ class FeatureStore:
         tmp.write_text(json.dumps(index))
         os.replace(tmp, self.folder / "index.json")
 
-    def extend(self, stream: Stream, complete: int) -> int:
-        """Compute the documents [0, complete) the pass lacks; returns the number of tokens computed."""
+    def extend(self, stream: Stream, complete: int) -> tuple[int, dict]:
+        """Compute the documents [0, complete) the pass lacks; returns the number of tokens computed and the index."""
         with self._locked():
             index = self._index()
             hashes = [_doc_hash(d.ids) for d in stream.docs[:complete]]
@@ -273,7 +272,7 @@ class FeatureStore:
             done = len(index["docs"])
             todo = sum(len(d.ids) for d in stream.docs[done:complete])
             if done >= complete:
-                return 0
+                return 0, index
             bar = None
             if self.data.progress:
                 from tqdm.auto import tqdm
@@ -301,11 +300,10 @@ class FeatureStore:
                 d0 = d1
             if bar is not None:
                 bar.close()
-            return todo
+            return todo, index
 
-    def read(self, stream: Stream, complete: int) -> list[dict]:
-        """Features of documents [0, complete), as float32 arrays in memory."""
-        index = self._index()
+    def read(self, stream: Stream, complete: int, index: dict) -> list[dict]:
+        """Features of documents [0, complete) (`index`: what extend returned), as float32 arrays in memory."""
         out = []
         for part in index["parts"]:
             d0, d1 = part["docs"]

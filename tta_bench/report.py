@@ -28,10 +28,21 @@ POSITION = [("< 128", 0, 128), ("128-512", 128, 512), ("512-2k", 512, 2048), (">
 PLOT_EDGES = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
 
+def positions(log: dict) -> np.ndarray:
+    """Each token's position in its document."""
+    offsets = log["doc_offsets"]
+    return np.arange(len(log["targets"])) - np.repeat(offsets[:-1], np.diff(offsets))
+
+
+def nll_difference(log: dict, ref: dict) -> np.ndarray:
+    """Per token, nll(log) - nll(ref): negative where `log` is better."""
+    return ref["logprob"].astype(np.float64) - log["logprob"].astype(np.float64)
+
+
 def buckets(log: dict) -> dict[str, np.ndarray]:
     """Per bucket name, a boolean mask over the log's tokens."""
     rank, targets, offsets = log["prep_rank"], log["targets"], log["doc_offsets"]
-    position = np.arange(len(targets)) - np.repeat(offsets[:-1], np.diff(offsets))
+    position = positions(log)
     repeated = np.zeros(len(targets), bool)
     for a, b in zip(offsets[:-1], offsets[1:]):
         _, first = np.unique(targets[a:b], return_index=True)
@@ -49,7 +60,7 @@ def compare(log: dict, ref: dict, n_boot: int = 1000, seed: int = 0) -> dict:
     over documents, and its share of the total difference."""
     if not (np.array_equal(log["targets"], ref["targets"]) and np.array_equal(log["doc_offsets"], ref["doc_offsets"])):
         raise TTABenchError("two per-token logs of one table score different tokens; rerun both cells")
-    diff = ref["logprob"].astype(np.float64) - log["logprob"].astype(np.float64)  # nll(log) - nll(ref)
+    diff = nll_difference(log, ref)
     offsets = log["doc_offsets"]
     doc = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     n_docs, total = len(offsets) - 1, diff.sum()
@@ -74,9 +85,7 @@ def compare(log: dict, ref: dict, n_boot: int = 1000, seed: int = 0) -> dict:
 
 def by_position(log: dict, ref: dict) -> list[tuple[int, float]]:
     """(bin start, mean NLL difference) over PLOT_EDGES bins of position in the document."""
-    offsets = log["doc_offsets"]
-    position = np.arange(len(log["targets"])) - np.repeat(offsets[:-1], np.diff(offsets))
-    diff = ref["logprob"].astype(np.float64) - log["logprob"].astype(np.float64)
+    position, diff = positions(log), nll_difference(log, ref)
     out = []
     for lo, hi in zip(PLOT_EDGES[:-1], PLOT_EDGES[1:] + [math.inf]):
         mask = (position >= lo) & (position < hi)
