@@ -25,7 +25,14 @@ the length; the state can be carried across segments (`FWStream`: fast_state doc
 
 Decayed, multi-timescale fast weights (`timescales`: each earlier position's gradient discounted by a
 learned gamma_s^(i-1-j), one step size per timescale) live in `decayed.py`; their state has a slice per
-timescale. Training lives in `train.py`, the method classes in `method.py`.
+timescale.
+
+Chunk-recurrent fast weights (`recurrent`): the gradients of chunk k are taken at the fast weights the
+earlier chunks left, theta_k = theta - eta * state_k, instead of at the slow weights: the chunk's "slow"
+pass, output gradient and back-propagation all run at theta_k, and inside the chunk the fast pass is the
+same linear attention over the chunk's earlier positions. state_{k+1} = state_k + sum_{j in chunk k}
+dL_j/dtheta(theta_k), so a token the fast weights already predict adds (almost) nothing more. The chunks
+of a stream are its segments' chunks. Training lives in `train.py`, the method classes in `method.py`.
 """
 from __future__ import annotations
 
@@ -53,6 +60,7 @@ class FWLConfig:
     eta_init: float = 0.01
     fast: bool = True  # False: the control (SPEC 3), step sizes fixed at 0, so only the slow pass runs
     timescales: tuple = ()  # decayed fast weights (decayed.py), one per timescale tau: gamma starts at 1 - 1/tau
+    recurrent: bool = False  # each chunk's gradients at the fast weights the earlier chunks left (module docstring)
 
 
 class Acts(NamedTuple):
@@ -90,6 +98,11 @@ class _Scope(nn.Module):
 
     def forward(self, fn, *args):
         return fn(*args)
+
+
+def _dense(u: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """u W^T + b, with W (out, in) shared or (B, out, in) per batch element (fast weights)."""
+    return F.linear(u, w, b) if w.dim() == 2 else torch.baddbmm(b.unsqueeze(1), u, w.transpose(1, 2))
 
 
 def _exclusive_cumsum(g: torch.Tensor) -> torch.Tensor:
@@ -136,12 +149,32 @@ class FWBlock(nn.Module):
         rstd = torch.rsqrt(xc.square().mean(-1, keepdim=True) + self.cfg.eps)
         return xc * rstd, rstd
 
-    def slow(self, x: torch.Tensor) -> Acts:
-        h1 = self.op_dense(F.linear, x, self.dense1.weight, self.dense1.bias)
+    def weights(self, state: FWState | None) -> dict:
+        """The fast parameters after the step that `state` holds, theta - eta * state (batched; decayed:
+        the sum over timescales); the slow ones when state is None."""
+        slow = {"w1": self.dense1.weight, "b1": self.dense1.bias, "w2": self.dense2.weight, "b2": self.dense2.bias,
+                "alpha": self.ln_alpha, "beta": self.ln_beta}
+        if state is None:
+            return slow
+        out = {}
+        for k, acc in state._asdict().items():
+            eta = self.eta[k]
+            if self.cfg.timescales:  # (B, S, ...): one step size per timescale, summed
+                step = (eta.view(1, -1, *[1] * (acc.dim() - 2)) * acc).sum(1)
+            else:
+                step = eta * acc
+            out[k] = slow[k] - step
+        out["alpha"], out["beta"] = out["alpha"].unsqueeze(1), out["beta"].unsqueeze(1)  # over positions
+        return out
+
+    def slow(self, x: torch.Tensor, w: dict | None = None) -> Acts:
+        """The block's pass with its slow weights, or with the fast weights w (weights(): recurrent chunks)."""
+        w = w or self.weights(None)
+        h1 = self.op_dense(_dense, x, w["w1"], w["b1"])
         a = F.relu(h1).square()
-        h2 = self.op_dense(F.linear, a, self.dense2.weight, self.dense2.bias)
+        h2 = self.op_dense(_dense, a, w["w2"], w["b2"])
         xhat, rstd = self._normalize(h2)
-        return Acts(h1, a, xhat, rstd, self.ln_alpha * xhat + self.ln_beta)
+        return Acts(h1, a, xhat, rstd, w["alpha"] * xhat + w["beta"])
 
     def logits(self, z: torch.Tensor, base_logits: torch.Tensor | None) -> torch.Tensor:
         if base_logits is None:
@@ -157,12 +190,14 @@ class FWBlock(nn.Module):
         gl = torch.softmax(logits, -1) * scale
         return gl.scatter_add_(-1, targets.clamp(min=0).unsqueeze(-1), -scale)  # minus the one-hot, in place
 
-    def inner_grads(self, acts: Acts, gl: torch.Tensor) -> Grads:
-        """Back-propagate each position's output gradient gl through U, LayerNorm, W2 and the squared ReLU."""
+    def inner_grads(self, acts: Acts, gl: torch.Tensor, w: dict | None = None) -> Grads:
+        """Back-propagate each position's output gradient gl through U, LayerNorm, W2 and the squared ReLU
+        (at the slow weights, or at the fast weights w the pass `acts` ran with)."""
+        w = w or self.weights(None)
         gz = self.op_vocab(torch.matmul, gl, self.unembed.weight)
-        gxhat = gz * self.ln_alpha
+        gxhat = gz * w["alpha"]
         gh2 = acts.rstd * (gxhat - gxhat.mean(-1, keepdim=True) - acts.xhat * (gxhat * acts.xhat).mean(-1, keepdim=True))
-        ga = self.op_dense(torch.matmul, gh2, self.dense2.weight)
+        ga = self.op_dense(torch.matmul, gh2, w["w2"])
         return Grads(ga * 2 * F.relu(acts.h1), gh2, gz)
 
     # -- fast pass --------------------------------------------------------------------------------
@@ -225,17 +260,39 @@ class FWBlock(nn.Module):
                        state.w2 + mm(grads.h2, acts.a), state.b2 + per(grads.h2.sum(1)),
                        state.alpha + per((grads.z * acts.xhat).sum(1)), state.beta + per(grads.z.sum(1)))
 
+    def run(self, x: torch.Tensor, targets: torch.Tensor, base_logits: torch.Tensor | None, state: FWState | None,
+            chunk: int) -> tuple[torch.Tensor, FWState, tuple]:
+        """(fast logits, the state after the sequence, the last position's (x, acts, slow logits, weights)
+        for a later commit of its gradient); the fast path only (cfg.fast)."""
+        if state is None:
+            state = self.zero_state(x.shape[0], x)
+        if not self.cfg.recurrent:  # every gradient at the slow weights: one slow pass for the whole sequence
+            acts = self.slow(x)
+            slow_logits = self.logits(acts.z, base_logits)
+            z, new = self.fast(x, acts, self.inner_grads(acts, self.output_grad(slow_logits, targets)), state, chunk)
+            return self.logits(z, base_logits), new, (x[:, -1:], Acts(*(t[:, -1:] for t in acts)), slow_logits[:, -1:], None)
+        zs = []
+        for s in range(0, x.shape[1], chunk):  # each chunk's pass and gradients at the weights the earlier chunks left
+            xc = x[:, s:s + chunk]
+            base_c = None if base_logits is None else base_logits[:, s:s + chunk]
+            w = self.weights(state)
+            acts = self.slow(xc, w)
+            slow_logits = self.logits(acts.z, base_c)
+            grads = self.inner_grads(acts, self.output_grad(slow_logits, targets[:, s:s + chunk]), w)
+            z, state = self.fast(xc, acts, grads, state, chunk)
+            zs.append(z)
+        last = (x[:, -1:], Acts(*(t[:, -1:] for t in acts)), slow_logits[:, -1:], w)
+        return self.logits(torch.cat(zs, 1), base_logits), state, last
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor, base_logits: torch.Tensor | None = None,
                 state: FWState | None = None, chunk: int = 128) -> tuple[torch.Tensor, FWState]:
         """x (B, T, d), targets (B, T) (-1: unknown, no gradient) -> fast logits (B, T, V) and the new state.
 
         The targets of positions j < i are used at i; position i's own target never is."""
-        acts = self.slow(x)
         if not self.cfg.fast:  # every step size is 0: the fast weights are the slow ones
-            return self.logits(acts.z, base_logits), state if state is not None else self.zero_state(x.shape[0], x)
-        gl = self.output_grad(self.logits(acts.z, base_logits), targets)
-        z, state = self.fast(x, acts, self.inner_grads(acts, gl), state, chunk)
-        return self.logits(z, base_logits), state
+            return self.logits(self.slow(x).z, base_logits), state if state is not None else self.zero_state(x.shape[0], x)
+        logits, state, _ = self.run(x, targets, base_logits, state, chunk)
+        return logits, state
 
 
 class FWStream:
@@ -257,15 +314,13 @@ class FWStream:
         """x (1, n, d) and base logits (1, n, V) of the n new positions; next_ids (1, n-1): the targets of
         all but the last (known from the input). Returns the fast logits (1, n, V)."""
         b = self.block
-        targets = torch.cat([next_ids, next_ids.new_full((x.shape[0], 1), -1)], 1)
-        acts = b.slow(x)
-        slow_logits = b.logits(acts.z, base_logits)
         if not b.cfg.fast:  # the control: nothing to carry
             self._pending = "static"
-            return slow_logits
-        z, state = b.fast(x, acts, b.inner_grads(acts, b.output_grad(slow_logits, targets)), self.state, self.chunk)
-        self._pending = (state, x[:, -1:], Acts(*(t[:, -1:] for t in acts)), slow_logits[:, -1:])
-        return b.logits(z, base_logits)
+            return b.logits(b.slow(x).z, base_logits)
+        targets = torch.cat([next_ids, next_ids.new_full((x.shape[0], 1), -1)], 1)
+        logits, state, last = b.run(x, targets, base_logits, self.state, self.chunk)
+        self._pending = (state, *last)
+        return logits
 
     def commit(self, last_target: torch.Tensor) -> None:
         """last_target (1, 1): the target of the segment's last position."""
@@ -274,9 +329,9 @@ class FWStream:
         if self._pending == "static":
             self._pending = None
             return
-        state, x, acts, slow_logits = self._pending
+        state, x, acts, slow_logits, w = self._pending
         b = self.block
-        self.state = b.accumulate(state, x, acts, b.inner_grads(acts, b.output_grad(slow_logits, last_target)))
+        self.state = b.accumulate(state, x, acts, b.inner_grads(acts, b.output_grad(slow_logits, last_target), w))
         self._pending = None
 
 
@@ -311,6 +366,8 @@ def score_pass(block: FWBlock, chunk: int, stream: bool) -> Pass:
 def commit_pass(block: FWBlock) -> Pass:
     """FWStream.commit: the last position's inner gradient and the state update (x, slow_logits, target, *state)."""
     def fn(x, slow_logits, target, *state):
-        acts = block.slow(x)
-        return tuple(block.accumulate(FWState(*state), x, acts, block.inner_grads(acts, block.output_grad(slow_logits, target))))
+        state = FWState(*state)
+        w = block.weights(state) if block.cfg.recurrent else None  # recurrent: at fast weights, as the last chunk was
+        acts = block.slow(x, w)
+        return tuple(block.accumulate(state, x, acts, block.inner_grads(acts, block.output_grad(slow_logits, target), w)))
     return Pass(block, fn)

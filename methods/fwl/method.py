@@ -15,6 +15,12 @@ fast_state:
 `timescales` (decayed.py): every earlier position's gradient is discounted by a learned gamma^(distance),
 one step size per timescale, so a state carried through a long document keeps steps of the size training
 saw; train it with the state carried (`train_fast_state: document`, the default when fast_state is document).
+`recurrent` (block.py): each chunk's gradients are taken at the fast weights the earlier chunks left, so a
+token already learned stops adding to the state; `chunk` is then part of the method, in training too.
+
+`gate: bayes` (BayesGate): the block's distribution and the base model's, mixed per document by their
+Bayesian posterior weights on the document's earlier tokens, so a block whose prepare-split style does not
+fit the text (out of domain) gives way to the base model within a few tokens.
 """
 from __future__ import annotations
 
@@ -44,9 +50,36 @@ QUICK = {"size": 8, "train_tokens": 600, "val_tokens": 100, "train_window": 32, 
 
 def static_control(params) -> dict:
     """FWL's control (SPEC 3): the same block trained the same way with its step sizes fixed at 0 (its training
-    order and timescales aside: without fast weights they change nothing)."""
-    skip = ("fast", "train_fast_state", "timescales")
-    return {"method": "fwl-static", "params": {k: v for k, v in train_fields(params).items() if k not in skip}}
+    order, timescales and recurrence aside: without fast weights they change nothing), behind the same gate."""
+    skip = ("fast", "train_fast_state", "timescales", "recurrent")
+    same = {k: v for k, v in train_fields(params).items() if k not in skip}
+    return {"method": "fwl-static", "params": same if params.gate == "none" else {**same, "gate": params.gate}}
+
+
+class BayesGate:
+    """The Bayesian mixture of two predictors over a document: with prior 1/2 each, position i's probability is
+
+        p_i = w_i p_block + (1 - w_i) p_base,   log(w_i / (1 - w_i)) = sum_{j<i} log p_block(y_j) - log p_base(y_j)
+
+    so the document's total NLL is -log(1/2 prod p_block + 1/2 prod p_base): never more than log 2 nats
+    above the better of the two on that document. The log-odds carry across segments until reset."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.log_odds, self._pending = 0.0, None
+
+    def mix(self, lp_block: torch.Tensor, lp_base: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """lp_* (n, V) log-probabilities, next_ids (n-1,) the targets of all but the last position."""
+        gain = (lp_block[:-1] - lp_base[:-1]).gather(1, next_ids[:, None]).detach()
+        odds = self.log_odds + torch.cat([gain.new_zeros(1, 1), gain.cumsum(0)])  # (n, 1): tokens j < i
+        self._pending = (odds[-1, 0].item(), (lp_block[-1] - lp_base[-1]).detach())
+        return torch.logaddexp(F.logsigmoid(odds) + lp_block, F.logsigmoid(-odds) + lp_base)
+
+    def commit(self, last_target: int):
+        odds, last_gain = self._pending
+        self.log_odds, self._pending = odds + last_gain[last_target].item(), None
 
 
 @register_method("fwl")
@@ -61,6 +94,7 @@ class FastWeightLayers(Method):
         fast_state: Literal["document", "window"] = "window"  # carried through the document, or per window
         chunk: int = 128  # linear attention chunk: quadratic inside, a carried state across
         checkpoint: str = ""  # a trained block (.safetensors); empty: the cache, else train in prepare
+        gate: Literal["none", "bayes"] = "none"  # bayes: mixed with the base model by posterior weights (BayesGate)
 
         def problems(self) -> list[str]:
             out = TrainConfig.problems(self)
@@ -69,11 +103,12 @@ class FastWeightLayers(Method):
             return out
 
     quick_params = QUICK
-    check_variants = [{"fast_state": "document", "timescales": [8.0, 64.0]}]  # decayed fast weights carried through documents
+    # decayed and chunk-recurrent fast weights, carried through documents
+    check_variants = [{"fast_state": "document", "timescales": [8.0, 64.0]}, {"fast_state": "document", "recurrent": True, "chunk": 8}]
 
     @classmethod
     def adapts_at_test_time(cls, params) -> bool:
-        return params.fast
+        return params.fast or params.gate != "none"  # the gate's weights follow the document too
 
     @classmethod
     def control(cls, params):
@@ -85,6 +120,7 @@ class FastWeightLayers(Method):
         self.stream = None
         self.info: dict = {}
         self.model = None  # a private copy of the base model when its top blocks were fine-tuned
+        self.gate = BayesGate() if params.gate == "bayes" else None
 
     @classmethod
     def given_files(cls, params):
@@ -112,7 +148,10 @@ class FastWeightLayers(Method):
                 save_checkpoint(folder / "block.safetensors", block, base, info, stream_runs([d.ids for d in stream.docs]))
                 return {k: info[k] for k in ("train_seconds", "train_tokens", "steps", "best_step", "val_nll", "history")}
 
-            folder = data.cached("fwl-block", stream, {"format": FORMAT, "train": train_fields(p)}, train)
+            train_key = train_fields(p)
+            if train_key.pop("recurrent"):  # absent when off, so blocks cached before it existed keep their key
+                train_key.update(recurrent=True, chunk=p.chunk)
+            folder = data.cached("fwl-block", stream, {"format": FORMAT, "train": train_key}, train)
             block, base, info = load_checkpoint(folder / "block.safetensors", self.lm.device)
         self._use(block, base, info)
 
@@ -138,12 +177,15 @@ class FastWeightLayers(Method):
     def reset(self):
         if self.stream is not None:
             self.stream.reset()
+        if self.gate is not None:
+            self.gate.reset()
 
     def _hidden(self, ids):
         return self.lm.hidden(ids, model=self.model)  # the private copy when the top blocks were fine-tuned
 
-    def _fast_logits(self, seg):
-        """(n, V) fast logits of the segment's targets; records the block's forward in the ledger."""
+    def _logprobs(self, seg):
+        """(n, V) log-probabilities of the segment's targets (gated: mixed with the base model's); records
+        the block's forward in the ledger."""
         if self.block is None:
             raise TTABenchError("fwl: score() before prepare(); the block is trained or loaded in prepare")
         n, L = seg.n, seg.ids.shape[1]
@@ -151,20 +193,29 @@ class FastWeightLayers(Method):
         if self.params.fast_state == "document":
             h = h[:, -n:]
             self._record("score", (n,), self._count_score)
-            return self.stream.segment_logits(h.float(), self.lm.logits(h), seg.ids[:, L - n + 1:])[0]
-        targets = torch.cat([seg.ids[:, 1:], seg.ids.new_full((1, 1), -1)], 1)
-        self._record("window", (L,), self._count_window)
-        return self.block(h.float(), targets, self.lm.logits(h), None, self.params.chunk)[0][0, -n:]
+            base = self.lm.logits(h)
+            logits = self.stream.segment_logits(h.float(), base, seg.ids[:, L - n + 1:])[0]
+        else:
+            targets = torch.cat([seg.ids[:, 1:], seg.ids.new_full((1, 1), -1)], 1)
+            self._record("window", (L,), self._count_window)
+            base = self.lm.logits(h)
+            logits = self.block(h.float(), targets, base, None, self.params.chunk)[0][0, -n:]
+        lp = F.log_softmax(logits, -1)
+        if self.gate is None:
+            return lp
+        return self.gate.mix(lp, F.log_softmax(base[0, -n:].float(), -1), seg.ids[0, L - n + 1:])
 
     @torch.no_grad()
     def score(self, seg):
-        return F.log_softmax(self._fast_logits(seg), -1)
+        return self._logprobs(seg)
 
     @torch.no_grad()
     def adapt(self, seg):
         if self.params.fast_state == "document":
             self._record("commit", (1,), self._count_commit)
             self.stream.commit(seg.targets[-1:].view(1, 1))
+        if self.gate is not None:
+            self.gate.commit(int(seg.targets[-1]))
 
     def close(self):
         self.model = None
@@ -263,23 +314,23 @@ class FWLDynamicEval(FastWeightLayers):
 
         def segment_grads(seg):
             if seg.start == 0:
-                self.stream.reset()
+                FastWeightLayers.reset(self)
             with torch.enable_grad():
-                logprobs = F.log_softmax(self._fast_logits(seg), -1)
+                logprobs = self._logprobs(seg)
             grads = self.dyn.grad(F.nll_loss(logprobs, seg.targets))
-            if p.fast_state == "document":
-                with torch.no_grad():
-                    self.stream.commit(seg.targets[-1:].view(1, 1))
+            FastWeightLayers.adapt(self, seg)  # the state and gate take the segment's last target
             return grads
 
         weights = [t for _, t in sorted(self.block.state_dict().items())] + [t for _, t in sorted(self._base.items())]
         key = {"block": _digest(weights), "fast_state": p.fast_state, "chunk": p.chunk, "dyn_params": p.dyn_params}
+        if p.gate != "none":
+            key["gate"] = p.gate
         enabled, self.ledger.enabled = self.ledger.enabled, False
         try:
             self.dyn.use_stats(rms_statistics(data, protocol, p.n_stat_segments, key, segment_grads))
         finally:
             self.ledger.enabled = enabled
-            self.stream.reset()
+            FastWeightLayers.reset(self)
 
     def reset(self):
         super().reset()
@@ -290,7 +341,7 @@ class FWLDynamicEval(FastWeightLayers):
     def score(self, seg):
         # Autograd on: adapt() differentiates these very log-probabilities (the same context and state).
         with torch.enable_grad():
-            logprobs = F.log_softmax(self._fast_logits(seg), -1)
+            logprobs = self._logprobs(seg)
         self._pending = (tuple(seg.ids.shape), seg.n, logprobs)
         return logprobs.detach()
 

@@ -57,6 +57,9 @@ class TrainConfig:
     # decayed, multi-timescale fast weights (decayed.py): one timescale tau per entry, gamma from 1 - 1/tau;
     # empty: the paper's undecayed sum over every earlier position
     timescales: list[float] = dataclasses.field(default_factory=list)
+    # chunk-recurrent fast weights (block.py): each chunk's gradients at the fast weights the earlier chunks
+    # left; the chunk (the method's `chunk`) is then part of the definition, in training as in evaluation
+    recurrent: bool = False
 
     def problems(self) -> list[str]:
         out = []
@@ -79,7 +82,7 @@ class TrainConfig:
 
     def block_config(self, lm) -> FWLConfig:
         return FWLConfig(lm.hidden_size, self.size, lm.vocab_size, self.norm or 1.0 / self.train_seq_len, fast=self.fast,
-                         timescales=tuple(self.timescales))
+                         timescales=tuple(self.timescales), recurrent=self.recurrent)
 
 
 def train_fields(obj) -> dict:
@@ -88,6 +91,12 @@ def train_fields(obj) -> dict:
     if out["train_fast_state"] == "auto":
         out["train_fast_state"] = getattr(obj, "fast_state", "window")
     return out
+
+
+def training_chunk(tc) -> int:
+    """The linear-attention chunk of training: the method's `chunk` (it defines a recurrent block's
+    updates; otherwise it only trades memory for speed), at most a training sequence."""
+    return min(tc.train_seq_len, getattr(tc, "chunk", 128))
 
 
 def save_checkpoint(path: Path, block: FWBlock, base_params: dict[str, torch.Tensor], info: dict, train_runs) -> None:
@@ -280,7 +289,7 @@ def train_block(lm, tc: TrainConfig, stream, data, progress: bool = True, log=pr
     slow = [p for _, p in block.slow_parameters()] + [p for _, p in base_named]
     groups = [{"params": slow, "lr": tc.lr}] + ([{"params": block.step_parameters(), "lr": tc.eta_lr}] if tc.fast else [])
     opt = torch.optim.Adam(groups)
-    chunk = min(tc.train_seq_len, 128)
+    chunk = training_chunk(tc)
     history = []
     bar = None
     if progress:
