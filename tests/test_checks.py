@@ -114,6 +114,25 @@ def test_every_registered_method_passes_every_check(tiny_lm, task, name, option)
     assert all(report["checks"][c]["passed"] is True for c in CHECKS)  # none skipped on CPU
 
 
+@pytest.mark.parametrize("option", [o for o in [{}] + option_variants(method_class("fwl")) if o.get("fast", True)],
+                         ids=lambda o: "".join(f"[{k}={v}]" for k, v in o.items()) or "[quick]")
+def test_the_checks_see_fwls_fast_path(tiny_lm, task, option):
+    """In the checks' own settings (quick params, check stream and protocol), every fast FWL setting scores
+    at least 100 x the causality tolerance away from its step-size-0 control: the checks exercise the fast
+    weights, not only the slow block."""
+    from tta_bench.checks import CheckData, _Instance
+
+    fwl = method_class("fwl")
+    params = fwl.make_params({**fwl.quick_params, **option})[0]
+    control = fwl.control(params)
+    static = method_class("fwl-static").make_params({**fwl.quick_params, **control["params"]})[0]
+    data = CheckData(tiny_lm, task, None)
+    stream = data.check_stream(S.doc_lengths)
+    rows = [_Instance(cls, p, tiny_lm, 0, Protocol(S.segment_len, S.context_len, "document"), data).run(stream)[1]
+            for cls, p in ((fwl, params), (method_class("fwl-static"), static))]
+    assert (rows[0] - rows[1]).abs().max().item() >= 100 * S.atol
+
+
 def test_causality_places_t_at_segment_and_document_boundaries_and_inside_under_both_resets(tiny_lm, task):
     report = check_method(tiny_lm, "none", {}, task)
     stream = _check_stream(tiny_lm)

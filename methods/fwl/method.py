@@ -18,14 +18,16 @@ saw; train it with the state carried (`train_fast_state: document`, the default 
 `recurrent` (block.py): each chunk's gradients are taken at the fast weights the earlier chunks left, so a
 token already learned stops adding to the state; `chunk` is then part of the method, in training too.
 
-`gate: bayes` (BayesGate): the block's distribution and the base model's, mixed per document by their
-Bayesian posterior weights on the document's earlier tokens, so a block whose prepare-split style does not
-fit the text (out of domain) gives way to the base model within a few tokens.
+`gate: bayes` (BayesGate): the block's distribution and the base model's, mixed by their posterior weights
+on the document's earlier tokens (with a fixed share, `gate_share`, so the weights can move back), so a
+block whose prepare-split style does not fit the text (out of domain) gives way to the base model within
+a few tokens, and takes over again where its fast weights have learned the document.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,7 +46,7 @@ from .block import FWStream, commit_pass, score_pass
 from .train import (FORMAT, TrainConfig, load_checkpoint, recorded_training_runs, save_checkpoint, train_block,
                     train_fields)
 
-QUICK = {"size": 8, "train_tokens": 600, "val_tokens": 100, "train_window": 32, "train_seq_len": 64,
+QUICK = {"size": 8, "u_scale": 1.0, "norm": 0.125, "train_tokens": 600, "val_tokens": 100, "train_window": 32, "train_seq_len": 64,
          "train_steps": 4, "eval_every": 0}
 
 
@@ -53,18 +55,34 @@ def static_control(params) -> dict:
     order, timescales and recurrence aside: without fast weights they change nothing), behind the same gate."""
     skip = ("fast", "train_fast_state", "timescales", "recurrent")
     same = {k: v for k, v in train_fields(params).items() if k not in skip}
-    return {"method": "fwl-static", "params": same if params.gate == "none" else {**same, "gate": params.gate}}
+    return {"method": "fwl-static", "params": same if params.gate == "none" else {**same, "gate": params.gate, "gate_share": params.gate_share}}
+
+
+def fixed_share(log_odds: float, gains, share: float) -> list[float]:
+    """The block's log-odds against the base model before each token and after the last, from `log_odds`
+    before the first; gains[i] = log p_block(y_i) - log p_base(y_i). Each token moves them to the posterior
+    (log-odds + gain), then fixed share (Herbster & Warmuth 1998) returns a fraction `share` of the weight
+    to an even split: w <- (1 - share) w + share / 2."""
+    out = [log_odds]
+    for g in gains:
+        odds = out[-1] + g
+        if share:
+            w = 1 / (1 + math.exp(-odds)) if odds >= 0 else math.exp(odds) / (1 + math.exp(odds))
+            w = (1 - share) * w + share / 2
+            odds = math.log(w) - math.log1p(-w)
+        out.append(odds)
+    return out
 
 
 class BayesGate:
-    """The Bayesian mixture of two predictors over a document: with prior 1/2 each, position i's probability is
+    """The block mixed with the base model, p_i = w_i p_block + (1 - w_i) p_base, w_i from the document's
+    earlier tokens (fixed_share; w_0 = 1/2). With share 0 it is the Bayesian mixture: a document's total NLL
+    is -log(1/2 prod p_block + 1/2 prod p_base), at most log 2 nats above the better model on that document.
+    A share > 0 lets the weight come back when the better model changes within a document (the block's
+    fast weights can unlearn a misfit), at about log(1/share) nats per change and -log(1 - share) per token."""
 
-        p_i = w_i p_block + (1 - w_i) p_base,   log(w_i / (1 - w_i)) = sum_{j<i} log p_block(y_j) - log p_base(y_j)
-
-    so the document's total NLL is -log(1/2 prod p_block + 1/2 prod p_base): never more than log 2 nats
-    above the better of the two on that document. The log-odds carry across segments until reset."""
-
-    def __init__(self):
+    def __init__(self, share: float):
+        self.share = share
         self.reset()
 
     def reset(self):
@@ -72,14 +90,15 @@ class BayesGate:
 
     def mix(self, lp_block: torch.Tensor, lp_base: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
         """lp_* (n, V) log-probabilities, next_ids (n-1,) the targets of all but the last position."""
-        gain = (lp_block[:-1] - lp_base[:-1]).gather(1, next_ids[:, None]).detach()
-        odds = self.log_odds + torch.cat([gain.new_zeros(1, 1), gain.cumsum(0)])  # (n, 1): tokens j < i
-        self._pending = (odds[-1, 0].item(), (lp_block[-1] - lp_base[-1]).detach())
-        return torch.logaddexp(F.logsigmoid(odds) + lp_block, F.logsigmoid(-odds) + lp_base)
+        gains = (lp_block[:-1] - lp_base[:-1]).gather(1, next_ids[:, None])[:, 0].tolist()
+        odds = fixed_share(self.log_odds, gains, self.share)  # before each of the n positions
+        self._pending = (odds[-1], (lp_block[-1] - lp_base[-1]).detach())
+        o = torch.tensor(odds, dtype=lp_block.dtype, device=lp_block.device)[:, None]
+        return torch.logaddexp(F.logsigmoid(o) + lp_block, F.logsigmoid(-o) + lp_base)
 
     def commit(self, last_target: int):
         odds, last_gain = self._pending
-        self.log_odds, self._pending = odds + last_gain[last_target].item(), None
+        self.log_odds, self._pending = fixed_share(odds, [last_gain[last_target].item()], self.share)[-1], None
 
 
 @register_method("fwl")
@@ -95,11 +114,14 @@ class FastWeightLayers(Method):
         chunk: int = 128  # linear attention chunk: quadratic inside, a carried state across
         checkpoint: str = ""  # a trained block (.safetensors); empty: the cache, else train in prepare
         gate: Literal["none", "bayes"] = "none"  # bayes: mixed with the base model by posterior weights (BayesGate)
+        gate_share: float = 0.001  # fixed share of the gate's weights per token (0: the plain Bayesian mixture)
 
         def problems(self) -> list[str]:
             out = TrainConfig.problems(self)
             if self.chunk < 1:
                 out.append(f"chunk must be >= 1, got {self.chunk}")
+            if not 0 <= self.gate_share < 1:
+                out.append(f"gate_share must be in [0, 1), got {self.gate_share}")
             return out
 
     quick_params = QUICK
@@ -120,7 +142,7 @@ class FastWeightLayers(Method):
         self.stream = None
         self.info: dict = {}
         self.model = None  # a private copy of the base model when its top blocks were fine-tuned
-        self.gate = BayesGate() if params.gate == "bayes" else None
+        self.gate = BayesGate(params.gate_share) if params.gate == "bayes" else None
 
     @classmethod
     def given_files(cls, params):
@@ -324,7 +346,7 @@ class FWLDynamicEval(FastWeightLayers):
         weights = [t for _, t in sorted(self.block.state_dict().items())] + [t for _, t in sorted(self._base.items())]
         key = {"block": _digest(weights), "fast_state": p.fast_state, "chunk": p.chunk, "dyn_params": p.dyn_params}
         if p.gate != "none":
-            key["gate"] = p.gate
+            key.update(gate=p.gate, gate_share=p.gate_share)
         enabled, self.ledger.enabled = self.ledger.enabled, False
         try:
             self.dyn.use_stats(rms_statistics(data, protocol, p.n_stat_segments, key, segment_grads))
