@@ -45,6 +45,9 @@ def test_controls_name_the_matching_setting():
     want = method_class("fwl").control(fwl)
     assert want["method"] == "fwl-static" and want["params"]["size"] == 32 and want["params"]["train_steps"] == 7
     assert method_class("fwl-dynamic-eval").control(method_class("fwl-dynamic-eval").make_params({})[0])["method"] == "fwl-static"
+    assert "train_fast_state" not in want["params"]  # fwl-static reads shuffled pieces too, by default
+    carried = method_class("fwl").control(method_class("fwl").make_params({"fast_state": "document", "recurrent": True})[0])
+    assert carried["params"]["train_fast_state"] == "document" and "recurrent" not in carried["params"]  # same reading order
     assert not method_class("fwl-static").adapts_at_test_time(method_class("fwl-static").make_params({})[0])
     knn = method_class("knn-lm")
     assert knn.control(knn.make_params({})[0]) is None and not knn.adapts_at_test_time(knn.make_params({})[0])

@@ -51,10 +51,13 @@ QUICK = {"size": 8, "u_scale": 1.0, "norm": 0.125, "train_tokens": 600, "val_tok
 
 
 def static_control(params) -> dict:
-    """FWL's control (SPEC 3): the same block trained the same way with its step sizes fixed at 0 (its training
-    order, timescales and recurrence aside: without fast weights they change nothing), behind the same gate."""
+    """FWL's control (SPEC 3): the same block trained the same way, in the same reading order, with its step
+    sizes fixed at 0 (timescales and recurrence aside: without fast weights they change nothing), behind
+    the same gate. Document order is named only when it is used: fwl-static reads pieces shuffled by default."""
     skip = ("fast", "train_fast_state", "timescales", "recurrent")
     same = {k: v for k, v in train_fields(params).items() if k not in skip}
+    if train_fields(params)["train_fast_state"] == "document":
+        same["train_fast_state"] = "document"
     return {"method": "fwl-static", "params": same if params.gate == "none" else {**same, "gate": params.gate, "gate_share": params.gate_share}}
 
 
