@@ -60,6 +60,8 @@ def main():
             return f"{d['delta_ppl']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]{'*' if d['excludes_zero'] else ''}"
 
         print(f"{task}: none {ppl(lp['none']):.3f}, {args.label} {ppl(lp[args.label]):.3f} ({len(offsets) - 1} documents, {len(offsets) and offsets[-1]} tokens)")
+        if len(names) == 3:
+            print(f"  ungated: {args.label} vs {args.control} ({ppl(lp[args.control]):.3f}) {delta(lp[args.label], lp[args.control])}")
         for share in args.shares:
             gated = gated_logprobs(lp[args.label], lp["none"], offsets, share)
             cell = by_label.get(f"{args.label} + gate")

@@ -483,6 +483,27 @@ def test_untrained_block_barely_changes_the_base(tiny_lm):
         assert (logits - base).abs().max() > 0
 
 
+def test_lanes_interleave_documents_each_in_order():
+    """train_lanes: documents open at once, one piece of each in turn: every piece once, each document's
+    pieces in order in one lane and fresh only at its first, and consecutive steps from different
+    documents while two are open."""
+    from types import SimpleNamespace
+
+    import tta_bench_methods.fwl.train as fwl
+
+    sizes = [5, 1, 3, 4, 2]
+    pieces = [SimpleNamespace(doc=d, offset=i) for d, n in enumerate(sizes) for i in range(n)]
+    order = fwl._in_order(pieces, "document", torch.Generator().manual_seed(3), lanes=3)
+    assert sorted(id(p) for p, _, _ in order) == sorted(id(p) for p in pieces)
+    for d in range(len(sizes)):
+        mine = [(p, fresh, lane) for p, fresh, lane in order if p.doc == d]
+        assert [p.offset for p, _, _ in mine] == list(range(sizes[d])) and len({lane for *_, lane in mine}) == 1
+        assert [fresh for _, fresh, _ in mine] == [True] + [False] * (sizes[d] - 1)
+    switches = sum(a.doc != b.doc for (a, _, _), (b, _, _) in zip(order, order[1:]))
+    assert switches >= len(order) - 1 - (max(sizes) - 1)  # only the last open document repeats itself
+    assert [lane for *_, lane in fwl._in_order(pieces, "document", None, lanes=1)] == [0] * len(pieces)
+
+
 @torch.no_grad()
 def test_training_reads_documents_in_order_with_the_state_carried(tiny_lm):
     """train_fast_state=document: a document's pieces follow each other (documents shuffled), the state
@@ -496,10 +517,10 @@ def test_training_reads_documents_in_order_with_the_state_carried(tiny_lm):
                       tiny_lm.tokenizer, "t", "train")
     train, val = fwl._pieces(tiny_lm, tc, stream, PrepareData("train", None, tiny_lm))
     order = fwl._in_order(train, "document", torch.Generator().manual_seed(1))
-    assert sorted(id(p) for p, _ in order) == sorted(id(p) for p in train)
-    for (a, _), (b, fresh) in zip(order, order[1:]):
+    assert sorted(id(p) for p, _, _ in order) == sorted(id(p) for p in train)
+    for (a, _, _), (b, fresh, _) in zip(order, order[1:]):
         assert fresh == (a.doc != b.doc) and (fresh or b.offset == a.offset + len(a.targets))
-    assert all(fresh for _, fresh in fwl._in_order(train, "window", torch.Generator().manual_seed(1)))
+    assert all(fresh for _, fresh, _ in fwl._in_order(train, "window", torch.Generator().manual_seed(1)))
     block = fwl.init_block(tiny_lm, tc)
     with torch.no_grad():
         for p in block.eta.parameters():

@@ -58,6 +58,8 @@ def static_control(params) -> dict:
     same = {k: v for k, v in train_fields(params).items() if k not in skip}
     if train_fields(params)["train_fast_state"] == "document":
         same["train_fast_state"] = "document"
+    else:
+        del same["train_lanes"]  # without a carried state there are no lanes
     return {"method": "fwl-static", "params": same if params.gate == "none" else {**same, "gate": params.gate, "gate_share": params.gate_share}}
 
 
@@ -174,8 +176,11 @@ class FastWeightLayers(Method):
                 return {k: info[k] for k in ("train_seconds", "train_tokens", "steps", "best_step", "val_nll", "history")}
 
             train_key = train_fields(p)
-            if train_key.pop("recurrent"):  # absent when off, so blocks cached before it existed keep their key
+            # fields added later are absent at their old behaviour, so blocks cached before them keep their key
+            if train_key.pop("recurrent"):
                 train_key.update(recurrent=True, chunk=p.chunk)
+            if train_key["train_lanes"] == 1 or train_key["train_fast_state"] == "window":
+                del train_key["train_lanes"]
             folder = data.cached("fwl-block", stream, {"format": FORMAT, "train": train_key}, train)
             block, base, info = load_checkpoint(folder / "block.safetensors", self.lm.device)
         self._use(block, base, info)

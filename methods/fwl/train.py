@@ -47,6 +47,9 @@ class TrainConfig:
     # (detached: truncated back-propagation), so the block meets the long sums that fast_state=document
     # evaluation builds; window: the state starts empty in every piece; auto: as the method's `fast_state`.
     train_fast_state: Literal["auto", "document", "window"] = "auto"
+    # document order: this many documents are open at once, one piece of each in turn, each with its own
+    # carried state, so consecutive steps see different documents (1: one document after another)
+    train_lanes: int = 1
     train_steps: int = 150  # optimizer steps, one sequence each; the best validation loss's weights are kept
     lr: float = 1e-3  # Adam
     eta_lr: float = 1e-2  # Adam learning rate of the step sizes
@@ -63,7 +66,7 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         out = []
-        for k in ("size", "train_tokens", "train_window", "train_seq_len", "train_steps"):
+        for k in ("size", "train_tokens", "train_window", "train_seq_len", "train_steps", "train_lanes"):
             if getattr(self, k) < 1:
                 out.append(f"{k} must be >= 1, got {getattr(self, k)}")
         for k in ("top_blocks", "val_tokens", "eval_every", "patience"):
@@ -244,12 +247,13 @@ def _fwl_loss(lm, block, piece, tc, chunk, state=None):
     return F.cross_entropy(logits[0], y[0]), base_nll, FWState(*(t.detach() for t in state))
 
 
-def _in_order(pieces, fast_state: str, gen=None):
-    """(piece, starts with an empty state) in reading order: with fast_state=document a document's pieces
-    follow each other (documents shuffled when gen is given), else every piece stands alone (shuffled)."""
+def _in_order(pieces, fast_state: str, gen=None, lanes: int = 1):
+    """(piece, starts with an empty state, lane) in reading order: with fast_state=document each document's
+    pieces in order, `lanes` documents open at once and read one piece each in turn (documents shuffled
+    when gen is given); else every piece stands alone (shuffled), in lane 0."""
     if fast_state == "window":
         order = torch.randperm(len(pieces), generator=gen).tolist() if gen is not None else range(len(pieces))
-        return [(pieces[i], True) for i in order]
+        return [(pieces[i], True, 0) for i in order]
     runs: list[list] = []
     for p in pieces:
         if runs and runs[-1][-1].doc == p.doc:
@@ -257,13 +261,24 @@ def _in_order(pieces, fast_state: str, gen=None):
         else:
             runs.append([p])
     order = torch.randperm(len(runs), generator=gen).tolist() if gen is not None else range(len(runs))
-    return [(p, i == 0) for r in order for i, p in enumerate(runs[r])]
+    waiting = [runs[r] for r in order][::-1]
+    open_docs: list = [None] * lanes  # per lane: (the document's pieces, the next one's index)
+    out = []
+    while waiting or any(open_docs):
+        for lane in range(lanes):
+            if open_docs[lane] is None and waiting:
+                open_docs[lane] = (waiting.pop(), 0)
+            if open_docs[lane] is not None:
+                doc, i = open_docs[lane]
+                out.append((doc[i], i == 0, lane))
+                open_docs[lane] = (doc, i + 1) if i + 1 < len(doc) else None
+    return out
 
 
 def _validate(lm, block, val, tc, chunk) -> tuple[float, float]:
     tot, base_tot, n, state = 0.0, 0.0, 0, None
     with torch.no_grad():
-        for piece, fresh in _in_order(val, train_fields(tc)["train_fast_state"]):
+        for piece, fresh, _ in _in_order(val, train_fields(tc)["train_fast_state"]):
             loss, base, state = _fwl_loss(lm, block, piece, tc, chunk, None if fresh else state)
             k = len(piece.targets)
             tot, base_tot, n = tot + loss.item() * k, base_tot + base.item() * k, n + k
@@ -301,7 +316,7 @@ def train_block(lm, tc: TrainConfig, stream, data, progress: bool = True, log=pr
     say(f"FWL training: {n_train_tokens} tokens in {len(train)} sequences, {sum(len(p.targets) for p in val)} validation"
         f" tokens; base hidden states {t_hidden:.0f}s")
     order: list = []
-    ema, best, state, stale = None, None, None, 0
+    ema, best, states, stale = None, None, {}, 0  # states: the carried state of each lane
 
     def validate(step):
         nonlocal best, stale
@@ -322,10 +337,10 @@ def train_block(lm, tc: TrainConfig, stream, data, progress: bool = True, log=pr
             validate(0)  # the untrained block: U starts small, so about the base model's loss
         for step in range(1, tc.train_steps + 1):
             if not order:
-                order = _in_order(train, train_fields(tc)["train_fast_state"], gen)[::-1]
-            piece, fresh = order.pop()
+                order = _in_order(train, train_fields(tc)["train_fast_state"], gen, tc.train_lanes)[::-1]
+            piece, fresh, lane = order.pop()
             with torch.enable_grad():  # also when called under no_grad
-                loss, _, state = _fwl_loss(lm, block, piece, tc, chunk, None if fresh else state)
+                loss, _, states[lane] = _fwl_loss(lm, block, piece, tc, chunk, None if fresh else states[lane])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(slow, 1.0)
