@@ -17,6 +17,9 @@ one step size per timescale, so a state carried through a long document keeps st
 saw; train it with the state carried (`train_fast_state: document`, the default when fast_state is document).
 `recurrent` (block.py): each chunk's gradients are taken at the fast weights the earlier chunks left, so a
 token already learned stops adding to the state; `chunk` is then part of the method, in training too.
+For whole documents use `fast_state: document, recurrent: true`: on smollm2-135m it beat `window` and the
+decayed memory in and out of domain (benchmarks/fwl_memory*.yaml); `window` stays the default because
+with an 8x training budget it still lost the first 128 tokens of a document to `window` (issue 15's note).
 
 `gate: bayes` (BayesGate): the block's distribution and the base model's, mixed by their posterior weights
 on the document's earlier tokens (with a fixed share, `gate_share`, so the weights can move back), so a
