@@ -43,13 +43,16 @@ def main():
         rec = json.loads(path.read_text())
         if rec.get("status") == "ok" and rec.get("token_log"):
             cells.setdefault(rec["config"]["task"].get("label") or rec["config"]["task"]["name"], {})[rec["label"]] = rec
-    for task, by_label in sorted(cells.items()):
-        if args.label not in by_label or "none" not in by_label:
-            continue
+    found = {task: by_label for task, by_label in cells.items() if args.label in by_label and "none" in by_label}
+    if not found:
+        raise SystemExit(f"no task in {args.run} has both a `none` cell and one labelled {args.label!r} with token logs"
+                         " (run the bench with log_tokens: true)")
+    for task, by_label in sorted(found.items()):
         names = [args.label, "none"] + ([args.control] if args.control in by_label else [])
         logs = {k: np.load(args.run / "cells" / by_label[k]["token_log"]["file"]) for k in names}
         lp = {k: v["logprob"].astype(np.float64) for k, v in logs.items()}
-        assert all((v["targets"] == logs["none"]["targets"]).all() for v in logs.values()), "the cells scored different streams"
+        if not all(np.array_equal(v["targets"], logs["none"]["targets"]) for v in logs.values()):
+            raise SystemExit(f"{task}: the cells of {', '.join(names)} scored different streams; replay cells of one run")
         offsets = logs["none"]["doc_offsets"]
         doc_nll = lambda x: -np.add.reduceat(x, offsets[:-1])  # noqa: E731
         tokens = np.diff(offsets)
@@ -59,7 +62,7 @@ def main():
             d = paired_delta(doc_nll(a), doc_nll(b), tokens)
             return f"{d['delta_ppl']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]{'*' if d['excludes_zero'] else ''}"
 
-        print(f"{task}: none {ppl(lp['none']):.3f}, {args.label} {ppl(lp[args.label]):.3f} ({len(offsets) - 1} documents, {len(offsets) and offsets[-1]} tokens)")
+        print(f"{task}: none {ppl(lp['none']):.3f}, {args.label} {ppl(lp[args.label]):.3f} ({len(offsets) - 1} documents, {offsets[-1]} tokens)")
         if len(names) == 3:
             print(f"  ungated: {args.label} vs {args.control} ({ppl(lp[args.control]):.3f}) {delta(lp[args.label], lp[args.control])}")
         for share in args.shares:
@@ -70,6 +73,7 @@ def main():
             if len(names) == 3:
                 line += f", vs {args.control} + gate {delta(gated, gated_logprobs(lp[args.control], lp['none'], offsets, share))}"
             print(line + (f"; the gated cell: {cell['metrics']['token_ppl']:.3f}" if same else ""))
+
 
 if __name__ == "__main__":
     main()
