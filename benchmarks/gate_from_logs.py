@@ -11,13 +11,14 @@ a sensitivity curve, not a way to choose the share.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from tta_bench import tokenlog
 from tta_bench.metrics import paired_delta
+from tta_bench.results import load_cells
 from tta_bench_methods.fwl.method import fixed_share
 
 
@@ -39,9 +40,8 @@ def main():
     ap.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.001])
     args = ap.parse_args()
     cells: dict[str, dict[str, dict]] = {}
-    for path in sorted((args.run / "cells").glob("*.json")):
-        rec = json.loads(path.read_text())
-        if rec.get("status") == "ok" and rec.get("token_log"):
+    for rec in load_cells(args.run):
+        if rec["status"] == "ok" and not tokenlog.problem(args.run, rec):
             cells.setdefault(rec["config"]["task"].get("label") or rec["config"]["task"]["name"], {})[rec["label"]] = rec
     found = {task: by_label for task, by_label in cells.items() if args.label in by_label and "none" in by_label}
     if not found:
@@ -49,7 +49,7 @@ def main():
                          " (run the bench with log_tokens: true)")
     for task, by_label in sorted(found.items()):
         names = [args.label, "none"] + ([args.control] if args.control in by_label else [])
-        logs = {k: np.load(args.run / "cells" / by_label[k]["token_log"]["file"]) for k in names}
+        logs = {k: tokenlog.read(args.run, by_label[k]) for k in names}
         lp = {k: v["logprob"].astype(np.float64) for k, v in logs.items()}
         if not all(np.array_equal(v["targets"], logs["none"]["targets"]) for v in logs.values()):
             raise SystemExit(f"{task}: the cells of {', '.join(names)} scored different streams; replay cells of one run")

@@ -19,14 +19,17 @@ D, M, V, T = 6, 5, 11, 13
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def random_block(seed=0, dtype=torch.float64, norm=1 / 8):
+def random_block(seed=0, dtype=torch.float64, norm=1 / 8, **cfg):
+    """A block (FWLConfig options in cfg) whose every parameter is random and O(1), so each term of the
+    update matters; learned decays stay at their timescales."""
     torch.manual_seed(seed)
-    block = FWBlock(FWLConfig(D, M, V, norm)).to(dtype)
+    block = FWBlock(FWLConfig(D, M, V, norm, **cfg)).to(dtype)
     with torch.no_grad():
-        for p in block.parameters():  # every parameter random and O(1), so each term of the update matters
-            p.copy_(torch.randn_like(p))
+        for name, p in block.named_parameters():
+            if name != "decay_logit":
+                p.copy_(torch.randn_like(p))
         for k in FAST:  # distinct positive step sizes, large enough that the step changes the logits a lot
-            block.eta[k].copy_(torch.rand(()) * 2 + 0.5)
+            block.eta[k].copy_(torch.rand(block.eta[k].shape) * 2 + 0.5)
     return block
 
 

@@ -1,43 +1,45 @@
 """Decayed, multi-timescale fast weights (methods/fwl/decayed.py) against their explicit definition:
-theta_i = theta - sum_s eta_{theta,s} sum_{j<i} gamma_s^(i-1-j) dL_j/dtheta, every gradient at the slow weights."""
+theta_i = theta - sum_s eta_{theta,s} sum_{j<i} gamma_s^(i-1-j) dL_j/dtheta, every gradient at the slow weights.
+`explicit_logits` also serves the chunk-recurrent tests (gradients at the weights each chunk starts with)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_fwl import D, M, T, V, data, rel_err, slow_forward
-from tta_bench_methods.fwl.block import FAST, FWBlock, FWLConfig, FWStream
+from tests.test_fwl import FAST, T, data, random_block, rel_err, slow_forward
+from tta_bench_methods.fwl.block import FWStream
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TIMESCALES = (3.0, 40.0)
 
 
 def decayed_block(seed=0):
-    torch.manual_seed(seed)
-    block = FWBlock(FWLConfig(D, M, V, 1 / 8, timescales=TIMESCALES)).to(torch.float64)
-    with torch.no_grad():
-        for name, p in block.named_parameters():
-            if name.startswith("eta."):
-                p.copy_(torch.rand_like(p) * 2 + 0.5)  # distinct, large: the step changes the logits a lot
-            elif name != "decay_logit":
-                p.copy_(torch.randn_like(p))
-    return block
+    return random_block(seed, timescales=TIMESCALES)
 
 
-def explicit_logits(block, x, y, base):
+def explicit_logits(block, x, y, base, bounds=None):
+    """Logits by autograd, one position at a time. Position i's weights are
+    theta - sum_s eta_s sum_{j<i} gamma_s^(i-1-j) g_j (without timescales: one, gamma 1), g_j the gradient of
+    c * CE_j at the weights its chunk [a, b) of `bounds` starts with (None: one chunk, the slow weights)."""
     params = {"w1": block.dense1.weight, "b1": block.dense1.bias, "w2": block.dense2.weight, "b2": block.dense2.bias,
               "alpha": block.ln_alpha, "beta": block.ln_beta, "U": block.unembed.weight}
-    fast, c, gamma = [k for k in params if k != "U"], block.cfg.norm, block.gammas()
-    per_position = []  # dL_j / dtheta at the slow weights, one position at a time
-    for j in range(len(x)):
-        loss = c * F.cross_entropy(slow_forward(params, x[j:j + 1], base[j:j + 1], block.cfg.eps), y[j:j + 1], reduction="sum")
-        per_position.append(torch.autograd.grad(loss, [params[k] for k in fast]))
-    out = []
-    for i in range(len(x)):
-        stepped = dict(params)
-        for n, k in enumerate(fast):
-            for s in range(len(gamma)):
-                stepped[k] = stepped[k] - block.eta[k][s] * sum(gamma[s] ** (i - 1 - j) * per_position[j][n] for j in range(i)) if i else stepped[k]
-        out.append(slow_forward(stepped, x[i:i + 1], base[i:i + 1], block.cfg.eps)[0])
+    gammas = block.gammas() if block.cfg.timescales else torch.ones(1, dtype=x.dtype)
+    etas = {k: block.eta[k].reshape(-1) for k in FAST}
+    grads, out = [], []
+
+    def weights_at(i):
+        w = dict(params)
+        for n, k in enumerate(FAST):
+            for s in range(len(gammas)):
+                for j in range(i):
+                    w[k] = w[k] - etas[k][s] * gammas[s] ** (i - 1 - j) * grads[j][n]
+        return w
+
+    for a, b in bounds or [(0, len(x))]:
+        theta_k = weights_at(a)
+        for j in range(a, b):
+            loss = block.cfg.norm * F.cross_entropy(slow_forward(theta_k, x[j:j + 1], base[j:j + 1], block.cfg.eps), y[j:j + 1], reduction="sum")
+            grads.append(torch.autograd.grad(loss, [theta_k[k] for k in FAST], retain_graph=True))
+        out += [slow_forward(weights_at(i), x[i:i + 1], base[i:i + 1], block.cfg.eps)[0] for i in range(a, b)]
     return torch.stack(out)
 
 
@@ -48,9 +50,8 @@ def test_decayed_fast_logits_equal_the_explicit_discounted_step(chunk):
     want = explicit_logits(block, x, y, base)
     got, _ = block(x[None], y[None], base[None], None, chunk)
     assert rel_err(got[0], want) < 1e-10
-    plain = FWBlock(FWLConfig(D, M, V, 1 / 8)).to(torch.float64)  # the step is far above the tolerance
-    slow = block.logits(block.slow(x[None]).z, base[None])[0]
-    assert rel_err(slow, want) > 1e-2 and plain.cfg.timescales == ()
+    slow = block.logits(block.slow(x[None]).z, base[None])[0]  # the step is far above the tolerance
+    assert rel_err(slow, want) > 1e-2
 
 
 def test_decayed_state_streamed_across_segments_equals_one_pass():

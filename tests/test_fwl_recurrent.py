@@ -5,49 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_fwl import D, FAST, M, T, V, data, rel_err, slow_forward
+from tests.test_fwl import D, M, T, V, data, random_block, rel_err
+from tests.test_fwl_decayed import explicit_logits
 from tta_bench_methods.fwl.block import FWBlock, FWLConfig, FWStream
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recurrent_block(seed=0, timescales=()):
-    torch.manual_seed(seed)
-    block = FWBlock(FWLConfig(D, M, V, 1 / 8, timescales=timescales, recurrent=True)).to(torch.float64)
-    with torch.no_grad():
-        for name, p in block.named_parameters():
-            if name.startswith("eta."):
-                p.copy_(torch.rand_like(p) * 2 + 0.5)  # distinct, large: the step changes the logits a lot
-            elif name != "decay_logit":
-                p.copy_(torch.randn_like(p))
-    return block
-
-
-def explicit_chunk_sgd(block, x, y, base, bounds):
-    """Logits by autograd, one position at a time. Chunk [a, b) takes its gradients at theta_a, the
-    weights at its first position; position i's weights are theta - sum_s eta_s sum_{j<i} gamma_s^(i-1-j) g_j
-    (without timescales: one, gamma 1), g_j the gradient of c * CE_j at the weights of j's chunk."""
-    params = {"w1": block.dense1.weight, "b1": block.dense1.bias, "w2": block.dense2.weight, "b2": block.dense2.bias,
-              "alpha": block.ln_alpha, "beta": block.ln_beta, "U": block.unembed.weight}
-    gammas = block.gammas() if block.cfg.timescales else torch.ones(1, dtype=x.dtype)
-    etas = {k: block.eta[k].reshape(-1) for k in FAST}
-    grads, out = [], []
-
-    def weights_at(i):
-        w = dict(params)
-        for n, k in enumerate(FAST):
-            for s in range(len(gammas)):
-                for j in range(i):
-                    w[k] = w[k] - etas[k][s] * gammas[s] ** (i - 1 - j) * grads[j][n]
-        return w
-
-    for a, b in bounds:
-        theta_k = weights_at(a)
-        for j in range(a, b):
-            loss = block.cfg.norm * F.cross_entropy(slow_forward(theta_k, x[j:j + 1], base[j:j + 1], block.cfg.eps), y[j:j + 1], reduction="sum")
-            grads.append(torch.autograd.grad(loss, [theta_k[k] for k in FAST], retain_graph=True))
-        out += [slow_forward(weights_at(i), x[i:i + 1], base[i:i + 1], block.cfg.eps)[0] for i in range(a, b)]
-    return torch.stack(out)
+    return random_block(seed, timescales=timescales, recurrent=True)
 
 
 def chunks(lengths, chunk):
@@ -64,7 +30,7 @@ def chunks(lengths, chunk):
 def test_recurrent_logits_equal_explicit_chunk_by_chunk_sgd(chunk, timescales):
     block = recurrent_block(timescales=timescales)
     x, y, base = data()
-    want = explicit_chunk_sgd(block, x, y, base, chunks([T], chunk))
+    want = explicit_logits(block, x, y, base, chunks([T], chunk))
     got, _ = block(x[None], y[None], base[None], None, chunk)
     assert rel_err(got[0], want) < 1e-5
     if chunk < T:  # gradients at the moving weights: far from the paper's gradients at the slow weights
@@ -75,7 +41,7 @@ def test_recurrent_logits_equal_explicit_chunk_by_chunk_sgd(chunk, timescales):
         parallel = FWBlock(FWLConfig(D, M, V, 1 / 8, timescales=timescales)).to(torch.float64)
         parallel.load_state_dict(block.state_dict())
         assert rel_err(parallel(x[None], y[None], base[None], None, chunk)[0][0], want) < 1e-10
-        assert rel_err(explicit_chunk_sgd(block, x, y, base, chunks([T], 1)), want) > 1e-2
+        assert rel_err(explicit_logits(block, x, y, base, chunks([T], 1)), want) > 1e-2
 
 
 @pytest.mark.parametrize("timescales", [(), (3.0, 40.0)])
@@ -84,7 +50,7 @@ def test_recurrent_state_streamed_across_segments_equals_explicit(timescales):
     segment's last gradient committed once its target is known, equal the explicit chunk-by-chunk SGD."""
     block = recurrent_block(4, timescales)
     x, y, base = data(4)
-    want = explicit_chunk_sgd(block, x, y, base, chunks([5, 1, 7], 3))
+    want = explicit_logits(block, x, y, base, chunks([5, 1, 7], 3))
     stream, parts = FWStream(block, chunk=3), []
     for a, b in [(0, 5), (5, 6), (6, T)]:
         with torch.no_grad():

@@ -266,19 +266,16 @@ class FWBlock(nn.Module):
         for a later commit of its gradient); the fast path only (cfg.fast)."""
         if state is None:
             state = self.zero_state(x.shape[0], x)
-        if not self.cfg.recurrent:  # every gradient at the slow weights: one slow pass for the whole sequence
-            acts = self.slow(x)
-            slow_logits = self.logits(acts.z, base_logits)
-            z, new = self.fast(x, acts, self.inner_grads(acts, self.output_grad(slow_logits, targets)), state, chunk)
-            return self.logits(z, base_logits), new, (x[:, -1:], Acts(*(t[:, -1:] for t in acts)), slow_logits[:, -1:], None)
+        # recurrent: each chunk's pass and gradients at the weights the earlier chunks left; otherwise every
+        # gradient at the slow weights, so the whole sequence is one span (fast() still chunks its attention)
+        span = chunk if self.cfg.recurrent else x.shape[1]
         zs = []
-        for s in range(0, x.shape[1], chunk):  # each chunk's pass and gradients at the weights the earlier chunks left
-            xc = x[:, s:s + chunk]
-            base_c = None if base_logits is None else base_logits[:, s:s + chunk]
-            w = self.weights(state)
+        for s in range(0, x.shape[1], span):
+            xc = x[:, s:s + span]
+            w = self.weights(state) if self.cfg.recurrent else None
             acts = self.slow(xc, w)
-            slow_logits = self.logits(acts.z, base_c)
-            grads = self.inner_grads(acts, self.output_grad(slow_logits, targets[:, s:s + chunk]), w)
+            slow_logits = self.logits(acts.z, None if base_logits is None else base_logits[:, s:s + span])
+            grads = self.inner_grads(acts, self.output_grad(slow_logits, targets[:, s:s + span]), w)
             z, state = self.fast(xc, acts, grads, state, chunk)
             zs.append(z)
         last = (x[:, -1:], Acts(*(t[:, -1:] for t in acts)), slow_logits[:, -1:], w)

@@ -59,9 +59,9 @@ def static_control(params) -> dict:
     """FWL's control (SPEC 3): the same block trained the same way, in the same reading order, with its step
     sizes fixed at 0 (timescales and recurrence aside: without fast weights they change nothing), behind
     the same gate. Document order is named only when it is used: fwl-static reads pieces shuffled by default."""
-    skip = ("fast", "train_fast_state", "timescales", "recurrent")
-    same = {k: v for k, v in train_fields(params).items() if k not in skip}
-    if train_fields(params)["train_fast_state"] == "document":
+    fields = train_fields(params)
+    same = {k: v for k, v in fields.items() if k not in ("fast", "train_fast_state", "timescales", "recurrent")}
+    if fields["train_fast_state"] == "document":
         same["train_fast_state"] = "document"
     else:
         del same["train_lanes"]  # without a carried state there are no lanes
