@@ -56,8 +56,8 @@ def test_core_names_no_method_and_stays_small():
     # after the move, 3,339 lines, plus typed parameters, split separation by content, resume keys,
     # failed cells, remote executors and document sharding; 5,000: plus controls with paired deltas,
     # prepare FLOPs, the reproduction check, per-token logs and the report; 5,050: the caches that keep a
-    # rerun to seconds).
-    assert sum(sizes.values()) <= 5050, sizes
+    # rerun to seconds; 5,200: the device class behind the reproduction check).
+    assert sum(sizes.values()) <= 5200, sizes
     assert max(sizes.values()) <= 400, max(sizes.items(), key=lambda kv: kv[1])
     for path in CORE.glob("*.py"):
         text = path.read_text()

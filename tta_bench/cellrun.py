@@ -9,7 +9,7 @@ from pathlib import Path
 from .cells import StreamCache, build_cell, selection_cells
 from .config import Cell
 from .errors import TTABenchError
-from .results import SCHEMA, device_name, provenance
+from .results import SCHEMA, provenance
 
 
 def _peak_reset(device) -> None:
@@ -132,6 +132,7 @@ def make_record(built, result) -> dict:
     d_bytes, d_words = [d.n_bytes for d in docs], [d.n_words for d in docs]
     metrics = summarize(sum(d_nll), n_tokens, sum(d_bytes), sum(d_words))
     metrics["ci95"] = bootstrap_ci(d_nll, d_tok, d_bytes, d_words, seed=cell.seed)
+    origin = provenance(device, cell.seed, cls.requires)
     return {
         "schema": SCHEMA,
         "cell_id": cell.cell_id,
@@ -162,12 +163,12 @@ def make_record(built, result) -> dict:
             # what building the cell's prepared state cost, cached or not (SPEC 5): time and flops, in total
             "prepare_build_seconds": built.prepare_seconds + sum(e.get("build_seconds") or 0.0 for e in built.data.events if e["hit"]),
             "prepare_flops": sum(e.get("flops") or 0.0 for e in built.data.events),
-            "device": device_name(device),
+            "device": origin["device"],
         },
         "role": {"test_time": cls.adapts_at_test_time(params), "control": cls.control(params)},
         "prepare": {"seconds": built.prepare_seconds, "cache": built.data.events},
         "checks": None,
-        "provenance": provenance(device, cell.seed, cls.requires),
+        "provenance": origin,
     }
 
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import TTABenchError, did_you_mean
+from .errors import TTABenchError, control_character_problems, did_you_mean
 
 TOP_KEYS = {"run", "output_dir", "device", "dtype", "seeds", "protocol", "limits", "models", "tasks",
             "methods", "plugins", "progress", "check", "executor", "published", "log_tokens"}
@@ -174,7 +174,7 @@ def validate(raw: dict, path: str = "bench.yaml") -> tuple[BenchConfig | None, l
     from .params import ExecutorParams, make_params
     from .separation import check_task_text
 
-    problems: list[str] = []
+    problems: list[str] = control_character_problems(raw)
     _unknown(raw, TOP_KEYS, "", problems)
     cfg = BenchConfig(path=path, raw=raw)
     for key in ("run", "output_dir", "device", "published"):

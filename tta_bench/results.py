@@ -142,44 +142,44 @@ def _git() -> dict:
         return {"commit": None, "dirty": None}
 
 
-def device_name(device) -> str:
-    import torch
+def device_name(device, requires: tuple = ()) -> str:
+    """The device with its class, as a leaderboard's device line shows it: `CPU: AMD EPYC (AVX2), 2 threads`."""
+    from .kernels import device_line, kernel_info
 
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {name}, {torch.get_num_threads()} threads"
+    return device_line(kernel_info(device, requires))
 
 
 def provenance(device, seed: int, requires: tuple = ()) -> dict:
-    """Where a cell's numbers come from; `requires`: the method's own packages (Method.requires)."""
+    """Where a cell's numbers come from; `requires`: the method's own packages (Method.requires).
+    `kernels` is what decides the kernels (kernels.py): the reproduction check reads it."""
+    from .kernels import device_line, kernel_info
+
     versions = {}
     for pkg in ("tta-bench", "torch", "transformers", "fvcore", "numpy", "gguf", *requires):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
+    kernels = kernel_info(device, requires)
     return {
         "git": _git(),
         "versions": versions,
         "python": platform.python_version(),
-        "device": device_name(device),
+        "device": device_line(kernels),
+        "kernels": kernels,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seed": seed,
         "host": platform.node(),
     }
 
 
-def compare_published(run_dir: Path, published: Path, cell_ids: set, tolerance: float = 1e-6) -> list[str]:
+def compare_published(run_dir: Path, published: Path, cell_ids: set) -> list[str]:
     """Lines saying whether this run's cells reproduce the published ones (same cell id: the same
-    resolved config): nll_sum within `tolerance` relative, else by how much each differs."""
+    resolved config) under the reproduction policy (SPEC 7, kernels.py): within 1e-9 relative on the
+    same device class, within the measured cross-class tolerance otherwise. One line per case, with
+    the largest difference, then every cell beyond its case's tolerance."""
+    from .kernels import reproduction_tolerance
+
     run_dir, published = Path(run_dir), Path(published)
     if run_dir.resolve() == published.resolve():
         return []
@@ -188,16 +188,23 @@ def compare_published(run_dir: Path, published: Path, cell_ids: set, tolerance: 
     both = sorted(set(mine) & set(theirs), key=lambda c: mine[c]["label"])
     if not both:
         return [f"reproduction: none of this run's cells is published in {published}"]
-    off = []
+    cases: dict[tuple, list] = {}
     for c in both:
         a, b = mine[c]["metrics"]["nll_sum"], theirs[c]["metrics"]["nll_sum"]
-        rel = abs(a - b) / max(abs(b), 1e-300)
-        if not rel <= tolerance:
-            off.append(f"  {mine[c]['label']} on {mine[c]['config']['task'].get('label') or mine[c]['stream']['task']}:"
-                       f" nll_sum {a:.6f}, published {b:.6f} ({rel:.2e} relative)")
-    devices = {theirs[c]["costs"]["device"] for c in both} | {mine[c]["costs"]["device"] for c in both}
-    where = f"{len(both)} of {len(mine)} cells are published in {published}"
-    head = (f"reproduction: all {len(both)} reproduce the published nll_sum within {tolerance:g} relative ({where})" if not off
-            else f"reproduction: {len(off)} of {len(both)} differ from the published nll_sum by more than {tolerance:g} relative ({where}):")
-    note = [f"  the runs used different devices ({'; '.join(sorted(devices))}): only CPU runs are expected to agree"] if len(devices) > 1 else []
-    return [head, *off, *note]
+        tol, case = reproduction_tolerance(theirs[c].get("provenance", {}).get("kernels"), mine[c]["provenance"]["kernels"])
+        cases.setdefault((case, tol), []).append((c, a, b, abs(a - b) / max(abs(b), 1e-300)))
+    lines = []
+    for (case, tol), found in cases.items():
+        off = [f for f in found if not f[3] <= tol]
+        largest = max(f[3] for f in found)
+        if not off:
+            lines.append(f"reproduction: {len(found)} of {len(found)} within {largest:.1e} of the published in {published},"
+                         f" {case}; tolerance {tol:g}")
+            continue
+        lines.append(f"reproduction: {len(off)} of {len(found)} differ from the published in {published} by more than"
+                     f" the tolerance {tol:g}, {case}; largest {largest:.1e}:")
+        lines += [f"  {mine[c]['label']} on {mine[c]['config']['task'].get('label') or mine[c]['stream']['task']}:"
+                  f" nll_sum {a:.6f}, published {b:.6f} ({rel:.2e} relative)" for c, a, b, rel in off]
+    if len(both) < len(mine):
+        lines.append(f"  {len(mine) - len(both)} of this run's {len(mine)} cells are not published in {published}")
+    return lines
