@@ -11,6 +11,7 @@ warm-up segment, `none` measured in the same run: "time x none" is the leaderboa
 seconds per token), "median" the ratio of median seconds per full segment, which a burst of load from
 other processes on a shared machine barely moves.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tta_bench.cells import StreamCache, build_cell  # noqa: E402
-from tta_bench.config import expand, validate  # noqa: E402
-from tta_bench.models import load_model  # noqa: E402
-from tta_bench.cellrun import evaluate_cell, make_record  # noqa: E402
+from tta_bench.run.cells import StreamCache, build_cell  # noqa: E402
+from tta_bench.run.config import expand, validate  # noqa: E402
+from tta_bench.protocol.models import load_model  # noqa: E402
+from tta_bench.run.cellrun import evaluate_cell, make_record  # noqa: E402
 
 # rms: the best on WikiText-2 valid (statistics from its first 100 segments, scored on the 10,000 tokens
 # after them) of lr 3e-6, 1e-5, 3e-5 with eps 1e-5 (3e-5 diverged), 1e-5 with eps 1e-4, 1e-5, 3e-5 with eps 1e-3.
@@ -61,10 +62,15 @@ def main() -> int:
     streams = StreamCache()
     rows = []
     for ctx in args.context:
-        raw = {"device": args.device, "progress": False, "models": [args.model],
-               "protocol": {"segment_len": args.segment, "context_len": ctx, "reset": args.reset},
-               "limits": {"tokens": args.tokens}, "tasks": [{"name": "wikitext-2", "split": "test"}],
-               "methods": ["none", *methods]}
+        raw = {
+            "device": args.device,
+            "progress": False,
+            "models": [args.model],
+            "protocol": {"segment_len": args.segment, "context_len": ctx, "reset": args.reset},
+            "limits": {"tokens": args.tokens},
+            "tasks": [{"name": "wikitext-2", "split": "test"}],
+            "methods": ["none", *methods],
+        }
         cfg, problems = validate(raw, "benchmarks/dynamic_eval.py")
         if problems:
             raise SystemExit("; ".join(problems))
@@ -72,13 +78,21 @@ def main() -> int:
         for cell in expand(cfg, args.device):
             built = build_cell(cell, lm, streams)  # the record, and the per-segment times it sums
             result = evaluate_cell(built)
-            rec = make_record(built, result)
+            rec = make_record(built, result).to_json()
             c, m = rec["costs"], rec["metrics"]
             full = [t for t, n in zip(result.seconds[1:], result.seg_tokens[1:]) if n == args.segment]
-            row = {"context_len": ctx, "reset": args.reset, "method": rec["label"], "token_ppl": m["token_ppl"],
-                   "gflops_per_token": c["gflops_per_token"], "flops": c["flops_per_token"],
-                   "sec_per_token": 1 / c["tokens_per_second"], "median_segment_s": statistics.median(full),
-                   "prepare_s": c["prepare_seconds"], "device": c["device"]}
+            row = {
+                "context_len": ctx,
+                "reset": args.reset,
+                "method": rec["label"],
+                "token_ppl": m["token_ppl"],
+                "gflops_per_token": c["gflops_per_token"],
+                "flops": c["flops_per_token"],
+                "sec_per_token": 1 / c["tokens_per_second"],
+                "median_segment_s": statistics.median(full),
+                "prepare_s": c["prepare_seconds"],
+                "device": c["device"],
+            }
             if base is None:
                 base = row
             row["ppl_change_pct"] = 100 * (row["token_ppl"] / base["token_ppl"] - 1)
@@ -86,10 +100,13 @@ def main() -> int:
             row["median_time_x_none"] = row["median_segment_s"] / base["median_segment_s"]
             row["flops_x_none"] = row["gflops_per_token"] / base["gflops_per_token"]
             rows.append(row)
-            print(f"ctx {ctx:4d} reset {args.reset:<8} {row['method']:<44} ppl {row['token_ppl']:8.3f} ({row['ppl_change_pct']:+6.1f}%)"
-                  f"  time x none {row['time_x_none']:5.2f} (median {row['median_time_x_none']:4.2f})"
-                  f"  FLOPs x none {row['flops_x_none']:5.2f}  {row['gflops_per_token']:.3f} GFLOPs/tok"
-                  f"  prepare {row['prepare_s']:.1f}s  [{row['device']}]", flush=True)
+            print(
+                f"ctx {ctx:4d} reset {args.reset:<8} {row['method']:<44} ppl {row['token_ppl']:8.3f} ({row['ppl_change_pct']:+6.1f}%)"
+                f"  time x none {row['time_x_none']:5.2f} (median {row['median_time_x_none']:4.2f})"
+                f"  FLOPs x none {row['flops_x_none']:5.2f}  {row['gflops_per_token']:.3f} GFLOPs/tok"
+                f"  prepare {row['prepare_s']:.1f}s  [{row['device']}]",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0 if all(math.isfinite(r["token_ppl"]) for r in rows) else 1

@@ -8,6 +8,7 @@ the document's length, so the block is what could grow.
 
     python benchmarks/fwl_memory_scaling.py
 """
+
 from __future__ import annotations
 
 import json
@@ -37,12 +38,18 @@ def one(design: str, n_tokens: int) -> dict:
     t0 = time.perf_counter()
     with torch.no_grad():
         for _ in range(0, n_tokens, SEGMENT):
-            stream.segment_logits(x, base, ids[:, :SEGMENT - 1])
-            stream.commit(ids[:, SEGMENT - 1:SEGMENT])
+            stream.segment_logits(x, base, ids[:, : SEGMENT - 1])
+            stream.commit(ids[:, SEGMENT - 1 : SEGMENT])
     seconds = time.perf_counter() - t0
     state_mb = sum(t.numel() * t.element_size() for t in stream.state) / 2**20
-    return {"design": design, "tokens": n_tokens, "ms_per_token": 1000 * seconds / n_tokens, "state_mb": state_mb,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": start}
+    return {
+        "design": design,
+        "tokens": n_tokens,
+        "ms_per_token": 1000 * seconds / n_tokens,
+        "state_mb": state_mb,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_mb": start,
+    }
 
 
 def main():
@@ -55,8 +62,10 @@ def main():
         for r in rows:
             print(f"{r['tokens']:>7} {r['ms_per_token']:>9.3f} {r['state_mb']:>9.2f} {r['peak_rss_mb']:>12.0f}")
         first, last = rows[0], rows[-1]
-        print(f"16k vs 1k tokens: peak RSS x{last['peak_rss_mb'] / first['peak_rss_mb']:.3f},"
-              f" time per token x{last['ms_per_token'] / first['ms_per_token']:.3f}, state x{last['state_mb'] / first['state_mb']:.1f}")
+        print(
+            f"16k vs 1k tokens: peak RSS x{last['peak_rss_mb'] / first['peak_rss_mb']:.3f},"
+            f" time per token x{last['ms_per_token'] / first['ms_per_token']:.3f}, state x{last['state_mb'] / first['state_mb']:.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ warm-up, and alternate in one process so drift hits both. Prints the ratio of to
 
     python benchmarks/overhead.py [--tokens 8192] [--rounds 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
 
-    from tta_bench.data import tokenize
-    from tta_bench.evaluate import Protocol, evaluate, segments
-    from tta_bench.method import method_class
-    from tta_bench.models import load_model
-    from tta_bench.registry import get
+    from tta_bench.protocol.stream import tokenize
+    from tta_bench.protocol.evaluate import Protocol, evaluate, segments
+    from tta_bench.api.method import method_class
+    from tta_bench.protocol.models import load_model
+    from tta_bench.api.registry import get
 
     lm = load_model("smollm2-135m", device="cpu")
-    stream = tokenize(get("task", "wikitext-2")().documents("test"), lm.tokenizer, "wikitext-2", "test", limit_tokens=args.tokens)
+    stream = tokenize(
+        get("task", "wikitext-2")().documents("test"), lm.tokenizer, "wikitext-2", "test", limit_tokens=args.tokens
+    )
     protocol = Protocol(512, 1, "document")
     windows = [(seg.ids, targets) for seg, targets, _ in segments(stream, protocol, lm.start_id)]
     none = method_class("none")

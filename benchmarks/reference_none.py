@@ -8,6 +8,7 @@ transformers. Exit status 1 if the two nll sums differ by more than 0.1%.
 
     python benchmarks/reference_none.py [--tokens 20000] [--segment-len 512]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ def reference(tokens_limit: int, seg: int) -> tuple[float, int]:
 
     articles, current = [], []
     for line in DATA.read_text(encoding="utf-8").splitlines(keepends=True):
-        if re.fullmatch(r" = [^=].* = \n", line) and any(re.fullmatch(r" = [^=].* = \n", l) for l in current):
+        if re.fullmatch(r" = [^=].* = \n", line) and any(re.fullmatch(r" = [^=].* = \n", prev) for prev in current):
             articles.append("".join(current))
             current = []
         current.append(line)
@@ -52,27 +53,35 @@ def reference(tokens_limit: int, seg: int) -> tuple[float, int]:
             if done == 0:
                 inp = [tok.bos_token_id] + ids[: n - 1]
             else:
-                inp = ids[done + n - seg - 1: done + n - 1]
+                inp = ids[done + n - seg - 1 : done + n - 1]
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([inp])).logits[0, -n:]
             lp = torch.log_softmax(logits.double(), -1)
-            nll -= lp[torch.arange(n), torch.tensor(ids[done: done + n])].sum().item()
+            nll -= lp[torch.arange(n), torch.tensor(ids[done : done + n])].sum().item()
             count += n
             done += n
     return nll, count
 
 
 def harness(tokens_limit: int, seg: int) -> tuple[float, int]:
-    from tta_bench.config import expand, validate
-    from tta_bench.models import load_model
-    from tta_bench.cells import StreamCache
-    from tta_bench.cellrun import run_cell
+    from tta_bench.run.config import expand, validate
+    from tta_bench.protocol.models import load_model
+    from tta_bench.run.cells import StreamCache
+    from tta_bench.run.cellrun import run_cell
 
-    cfg, problems = validate({"models": ["smollm2-135m"], "tasks": ["wikitext-2"], "methods": ["none"], "device": "cpu",
-                              "protocol": {"segment_len": seg, "context_len": 1}, "limits": {"tokens": tokens_limit}})
+    cfg, problems = validate(
+        {
+            "models": ["smollm2-135m"],
+            "tasks": ["wikitext-2"],
+            "methods": ["none"],
+            "device": "cpu",
+            "protocol": {"segment_len": seg, "context_len": 1},
+            "limits": {"tokens": tokens_limit},
+        }
+    )
     assert not problems, problems
     cell = expand(cfg, "cpu")[0]
-    rec = run_cell(cell, load_model("smollm2-135m", device="cpu"), StreamCache(), progress=False)
+    rec = run_cell(cell, load_model("smollm2-135m", device="cpu"), StreamCache(), progress=False).to_json()
     return rec["metrics"]["nll_sum"], rec["metrics"]["n_tokens"]
 
 
@@ -83,10 +92,14 @@ def main() -> int:
     args = ap.parse_args()
     t = time.perf_counter()
     h_nll, h_n = harness(args.tokens, args.segment_len)
-    print(f"harness:   nll_sum {h_nll:.3f} over {h_n} tokens, token ppl {math.exp(h_nll / h_n):.4f} ({time.perf_counter() - t:.0f}s)")
+    print(
+        f"harness:   nll_sum {h_nll:.3f} over {h_n} tokens, token ppl {math.exp(h_nll / h_n):.4f} ({time.perf_counter() - t:.0f}s)"
+    )
     t = time.perf_counter()
     r_nll, r_n = reference(args.tokens, args.segment_len)
-    print(f"reference: nll_sum {r_nll:.3f} over {r_n} tokens, token ppl {math.exp(r_nll / r_n):.4f} ({time.perf_counter() - t:.0f}s)")
+    print(
+        f"reference: nll_sum {r_nll:.3f} over {r_n} tokens, token ppl {math.exp(r_nll / r_n):.4f} ({time.perf_counter() - t:.0f}s)"
+    )
     rel = abs(h_nll - r_nll) / abs(r_nll)
     print(f"relative difference {rel:.2e} (limit 1e-3), token counts {'equal' if h_n == r_n else 'DIFFER'}")
     return 0 if rel <= 1e-3 and h_n == r_n else 1

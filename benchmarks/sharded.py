@@ -4,6 +4,7 @@ rank's. Default: smollm2-135m on the first 4 documents of WikiText-2 test, none 
 
     python benchmarks/sharded.py [--model smollm2-135m] [--docs 4] [--ranks 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,27 +30,55 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, launcher in (("one process", [sys.executable, "-m", "tta_bench"]),
-                               (f"torchrun x{args.ranks}", [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                             f"--nproc_per_node={args.ranks}", "-m", "tta_bench"])):
+        for name, launcher in (
+            ("one process", [sys.executable, "-m", "tta_bench"]),
+            (
+                f"torchrun x{args.ranks}",
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc_per_node={args.ranks}",
+                    "-m",
+                    "tta_bench",
+                ],
+            ),
+        ):
             bench = Path(tmp) / f"{len(out)}.yaml"
-            bench.write_text(yaml.safe_dump({
-                "run": f"r{len(out)}", "output_dir": str(Path(tmp) / "results"), "device": "cpu", "progress": False,
-                "protocol": {"segment_len": args.segment, "context_len": 1, "reset": "document"},
-                "limits": {"docs": args.docs}, "models": [args.model], "tasks": [{"name": "wikitext-2", "split": "test"}],
-                "methods": ["none", "dynamic-eval"]}))
-            proc = subprocess.run([*launcher, "run", str(bench), "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True)
+            bench.write_text(
+                yaml.safe_dump(
+                    {
+                        "run": f"r{len(out)}",
+                        "output_dir": str(Path(tmp) / "results"),
+                        "device": "cpu",
+                        "progress": False,
+                        "protocol": {"segment_len": args.segment, "context_len": 1, "reset": "document"},
+                        "limits": {"docs": args.docs},
+                        "models": [args.model],
+                        "tasks": [{"name": "wikitext-2", "split": "test"}],
+                        "methods": ["none", "dynamic-eval"],
+                    }
+                )
+            )
+            proc = subprocess.run(
+                [*launcher, "run", str(bench), "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True
+            )
             if proc.returncode != 0:
                 sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-            cells = [json.loads(p.read_text()) for p in (Path(tmp) / "results" / f"r{len(out)}" / "cells").glob("*.json")]
+            cells = [
+                json.loads(p.read_text()) for p in (Path(tmp) / "results" / f"r{len(out)}" / "cells").glob("*.json")
+            ]
             out[name] = {c["label"]: c for c in cells}
     (a, one), (b, many) = out.items()
     print(f"{args.model}, WikiText-2 test, first {args.docs} documents, segment {args.segment}, OMP_NUM_THREADS=1")
     for label, rec in sorted(one.items()):
         x, y = [d["nll"] for d in rec["per_doc"]], [d["nll"] for d in many[label]["per_doc"]]
-        print(f"  {label}: {len(x)} documents, {rec['metrics']['n_tokens']} tokens; per-document NLL bit-identical: {x == y}"
-              f" (largest difference {max(abs(u - v) for u, v in zip(x, y)):.3g}); wall {a} {rec['costs']['eval_seconds']:.1f} s,"
-              f" {b} {many[label]['costs']['eval_seconds']:.1f} s (slowest rank)")
+        print(
+            f"  {label}: {len(x)} documents, {rec['metrics']['n_tokens']} tokens; per-document NLL bit-identical: {x == y}"
+            f" (largest difference {max(abs(u - v) for u, v in zip(x, y)):.3g}); wall {a} {rec['costs']['eval_seconds']:.1f} s,"
+            f" {b} {many[label]['costs']['eval_seconds']:.1f} s (slowest rank)"
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ bench gives both the same budget. The fine-tuned weights are prepared state in t
 `finetune-dynamic-eval` is dynamic evaluation whose starting weights are the fine-tuned ones: its
 control is `finetune` with the same settings, so its gain over that control is test-time adaptation.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,11 +24,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tta_bench.errors import TTABenchError
-from tta_bench.method import Method
-from tta_bench.registry import register_method
-from tta_bench_methods.dynamic_eval.method import DynamicEval
-from tta_bench_methods.dynamic_eval.update import select_parameters
+from tta_bench.api.method import Method
+from tta_bench.api.registry import register_method
+from tta_bench_methods._common.dyneval import DynamicEvalBase
+from tta_bench_methods._common.selection import select_parameters
+from tta_bench_methods._common.trainer import TrainingJob, document_pairs, ema_text, hold_out, snapshot_of, train
 
 FORMAT = "tta_bench.finetune/1"
 QUICK = {"blocks": 1, "train_tokens": 600, "val_tokens": 100, "train_seq_len": 64, "train_steps": 4, "eval_every": 2}
@@ -46,10 +47,16 @@ class FinetuneConfig:
     patience: int = 0  # stop after this many validations without a better loss (0: run every step)
 
     def problems(self) -> list[str]:
-        out = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("train_tokens", "train_seq_len", "train_steps")
-               if getattr(self, k) < 1]
-        out += [f"{k} must be >= 0, got {getattr(self, k)}" for k in ("blocks", "val_tokens", "eval_every", "patience")
-                if getattr(self, k) < 0]
+        out = [
+            f"{k} must be >= 1, got {getattr(self, k)}"
+            for k in ("train_tokens", "train_seq_len", "train_steps")
+            if getattr(self, k) < 1
+        ]
+        out += [
+            f"{k} must be >= 0, got {getattr(self, k)}"
+            for k in ("blocks", "val_tokens", "eval_every", "patience")
+            if getattr(self, k) < 0
+        ]
         if not self.train_lr > 0:
             out.append(f"train_lr must be > 0, got {self.train_lr}")
         if self.val_tokens >= self.train_tokens:
@@ -65,17 +72,9 @@ def _pieces(stream, start_id: int, seq_len: int, val_tokens: int):
     """(train, validation) lists of (inputs, targets): each document cut into seq_len pieces, its first
     input the start token; the trailing pieces that hold val_tokens tokens are validation."""
     pieces = []
-    for doc in stream.docs:
-        ids = torch.tensor(doc.ids, dtype=torch.long)
-        inputs = torch.cat([torch.tensor([start_id]), ids[:-1]])
-        pieces += [(inputs[s:s + seq_len], ids[s:s + seq_len]) for s in range(0, len(ids), seq_len)]
-    val, n = [], 0
-    while len(pieces) > 1 and n < val_tokens:
-        val.insert(0, pieces.pop())
-        n += len(val[0][1])
-    if not pieces:
-        raise TTABenchError("the prepare split has no tokens to fine-tune on; give it text")
-    return pieces, val
+    for inputs, ids in document_pairs(stream, start_id):
+        pieces += [(inputs[s : s + seq_len], ids[s : s + seq_len]) for s in range(0, len(ids), seq_len)]
+    return hold_out(pieces, val_tokens, lambda piece: len(piece[1]), "fine-tune on")
 
 
 def train_finetune(lm, cfg: FinetuneConfig, stream, log=print) -> tuple[dict[str, torch.Tensor], dict]:
@@ -89,45 +88,57 @@ def train_finetune(lm, cfg: FinetuneConfig, stream, log=print) -> tuple[dict[str
         q.requires_grad_(True)
     params = [q for _, q in named]
     opt = torch.optim.Adam(params, lr=cfg.train_lr)
-    train, val = _pieces(stream, lm.start_id, cfg.train_seq_len, cfg.val_tokens)
-    gen = torch.Generator().manual_seed(cfg.train_seed)
-    history, order, best, stale, ema = [], [], None, 0, None
+    train_set, val = _pieces(stream, lm.start_id, cfg.train_seq_len, cfg.val_tokens)
 
     def loss_of(inputs, targets):
         h = lm.hidden(inputs[None].to(lm.device), model=model)[0]
         return F.cross_entropy(lm.logits(h, model=model), targets.to(lm.device))
 
-    def validate(step):
-        nonlocal best, stale
+    def validate():
         with torch.no_grad():
-            v = sum(loss_of(i, t).item() * len(t) for i, t in val) / sum(len(t) for _, t in val)
-        history.append({"step": step, "val_nll": v, "train_nll_ema": ema, "seconds": time.perf_counter() - t0})
-        log(f"finetune step {step}: val nll {v:.4f}, train {ema if ema is None else round(ema, 4)}")
-        stale += 1
-        if best is None or v < best[1]:
-            best, stale = (step, v, {n: q.detach().clone() for n, q in named}), 0
+            return {"val_nll": sum(loss_of(i, t).item() * len(t) for i, t in val) / sum(len(t) for _, t in val)}
 
-    if val and cfg.eval_every:
-        validate(0)
-    for step in range(1, cfg.train_steps + 1):
-        if not order:
-            order = torch.randperm(len(train), generator=gen).tolist()
-        loss = loss_of(*train[order.pop()])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if val and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.train_steps):
-            validate(step)
-            if cfg.patience and stale >= cfg.patience:
-                log(f"finetune: stopped at step {step}, {stale} validations without improvement")
-                break
-    tensors = best[2] if best else {n: q.detach().clone() for n, q in named}
-    info = {"train_seconds": time.perf_counter() - t0, "steps": step, "best_step": best[0] if best else step,
-            "val_nll": best[1] if best else None, "history": history, "train": finetune_fields(cfg),
-            "train_tokens": sum(len(t) for _, t in train), "val_tokens": sum(len(t) for _, t in val)}
+    def describe(entry):
+        ema = ema_text(entry["train_nll_ema"])
+        return f"finetune step {entry['step']}: val nll {entry['val_nll']:.4f}, train {ema}"
+
+    job = TrainingJob(
+        params,
+        opt,
+        _losses(train_set, loss_of, cfg.train_seed),
+        validate if val else None,
+        lambda: snapshot_of(named),
+        describe,
+        name="finetune",
+        say=log,
+        started=t0,
+    )
+    run = train(job, cfg)
+    tensors = run.best.weights if run.best else snapshot_of(named)
+    info = {
+        "train_seconds": time.perf_counter() - t0,
+        "steps": run.steps,
+        "best_step": run.best_step,
+        "val_nll": run.val_nll,
+        "history": run.history,
+        "train": finetune_fields(cfg),
+        "train_tokens": sum(len(t) for _, t in train_set),
+        "val_tokens": sum(len(t) for _, t in val),
+    }
     return tensors, info
+
+
+def _losses(pieces, loss_of, seed: int):
+    """The trainer's next_loss: the pieces in a random order, drawn again once all were used."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list = []
+
+    def next_loss():
+        if not order:
+            order.extend(torch.randperm(len(pieces), generator=gen).tolist())
+        return loss_of(*pieces[order.pop()])
+
+    return next_loss
 
 
 def finetuned(lm, cfg, data) -> tuple[dict[str, torch.Tensor], dict]:
@@ -170,7 +181,7 @@ class Finetune(Method):
 
     @torch.no_grad()
     def score(self, seg):
-        h = self.lm.hidden(seg.ids, model=self.model)[0, -seg.n:]
+        h = self.lm.hidden(seg.ids, model=self.model)[0, -seg.n :]
         return F.log_softmax(self.lm.logits(h, model=self.model), dim=-1)
 
     def close(self):
@@ -178,15 +189,15 @@ class Finetune(Method):
 
 
 @register_method("finetune-dynamic-eval")
-class FinetuneDynamicEval(DynamicEval):
+class FinetuneDynamicEval(DynamicEvalBase):
     """Dynamic evaluation starting from the fine-tuned weights of `finetune` (its control)."""
 
     @dataclass
-    class Params(FinetuneConfig, DynamicEval.Params):
+    class Params(FinetuneConfig, DynamicEvalBase.Params):
         def problems(self) -> list[str]:
-            return DynamicEval.Params.problems(self) + FinetuneConfig.problems(self)
+            return DynamicEvalBase.Params.problems(self) + FinetuneConfig.problems(self)
 
-    quick_params = {**QUICK, **DynamicEval.quick_params}
+    quick_params = {**QUICK, **DynamicEvalBase.quick_params}
 
     @classmethod
     def control(cls, params):

@@ -1,10 +1,11 @@
 """The base model with a sliding window: the reference every other method is compared with."""
+
 from __future__ import annotations
 
 import torch
 
-from tta_bench.method import Method
-from tta_bench.registry import register_method
+from tta_bench.api.method import Method
+from tta_bench.api.registry import register_method
 
 
 @register_method("none")

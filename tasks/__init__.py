@@ -1,1 +1,1 @@
-"""Built-in tasks, one file each. Files here are discovered lazily by tta_bench.registry."""
+"""Built-in tasks, one file each. Files here are discovered lazily by tta_bench.api.registry."""

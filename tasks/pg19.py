@@ -3,15 +3,16 @@
 Online through the Hugging Face dataset `deepmind/pg19` (needs `pip install datasets`), streamed so
 only the books a run uses are downloaded; offline from `data_dir` with {train,validation,test}/*.txt
 (the layout of the original release)."""
+
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from tta_bench.data import Document, Task
-from tta_bench.errors import TTABenchError
-from tta_bench.registry import register_task
+from tta_bench.api.task import Document, Task
+from tta_bench.api.errors import TTABenchError
+from tta_bench.api.registry import register_task
 
 
 @register_task("pg19")
@@ -24,7 +25,12 @@ class PG19(Task):
         max_books: int | None = None  # the first N books of each split
 
         def problems(self) -> list[str]:
-            return [] if self.max_books is None or self.max_books >= 1 else [f"max_books must be >= 1, got {self.max_books}"]
+            return (
+                []
+                if self.max_books is None or self.max_books >= 1
+                else [f"max_books must be >= 1, got {self.max_books}"]
+            )
+
     _folders = {"train": "train", "valid": "validation", "test": "test"}
 
     def is_local(self, split: str) -> bool:
@@ -35,9 +41,15 @@ class PG19(Task):
             return f"pg19 has no split '{split}'; use one of {', '.join(self.splits)}"
         if self.cfg["data_dir"]:
             folder = Path(self.cfg["data_dir"]).expanduser() / self._folders[split]
-            return None if folder.is_dir() else f"pg19: {folder} does not exist; fix `data_dir` (needs {self._folders[split]}/*.txt)"
+            return (
+                None
+                if folder.is_dir()
+                else f"pg19: {folder} does not exist; fix `data_dir` (needs {self._folders[split]}/*.txt)"
+            )
         if importlib.util.find_spec("datasets") is None:
-            return "pg19 needs the `datasets` package to download it (pip install datasets), or a local copy in `data_dir`"
+            return (
+                "pg19 needs the `datasets` package to download it (pip install datasets), or a local copy in `data_dir`"
+            )
         return None
 
     def documents(self, split: str) -> list[Document]:

@@ -1,6 +1,7 @@
 """Any local text: files or folders per split, one document per file or cut by a line pattern; a
 split may also be another registered task's split (`task:wikitext-2:valid`), e.g. to prepare an
 out-of-domain evaluation on the same text an in-domain one prepares on."""
+
 from __future__ import annotations
 
 import codecs
@@ -8,9 +9,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tta_bench.data import Document, Task
-from tta_bench.errors import TTABenchError
-from tta_bench.registry import get, register_task
+from tta_bench.api.task import Document, Task
+from tta_bench.api.errors import TTABenchError
+from tta_bench.api.registry import get, register_task
 
 BORROW = "task:"  # a split given as task:<name>:<split> is read from that task (its default settings)
 
@@ -49,9 +50,11 @@ class LocalText(Task):
         ref = self.cfg["splits"][split]
         if not ref.startswith(BORROW):
             return None
-        name, _, other = ref[len(BORROW):].rpartition(":")
+        name, _, other = ref[len(BORROW) :].rpartition(":")
         if not name or not other or name == self.registry_name:
-            raise TTABenchError(f"text task: split {split} is {ref!r}; write task:<name>:<split>, e.g. task:wikitext-2:valid")
+            raise TTABenchError(
+                f"text task: split {split} is {ref!r}; write task:<name>:<split>, e.g. task:wikitext-2:valid"
+            )
         return get("task", name)(), other
 
     def is_local(self, split: str) -> bool:
@@ -64,8 +67,10 @@ class LocalText(Task):
 
     def problem(self, split: str) -> str | None:
         if split not in self.cfg["splits"]:
-            return (f"text task has no split '{split}'; map it to a file or folder under"
-                    f" `splits:` (have: {', '.join(self.cfg['splits']) or 'none'})")
+            return (
+                f"text task has no split '{split}'; map it to a file or folder under"
+                f" `splits:` (have: {', '.join(self.cfg['splits']) or 'none'})"
+            )
         try:
             borrowed = self._borrowed(split)
         except TTABenchError as e:

@@ -5,6 +5,7 @@ given as `data_dir`, or `<root>/wikitext-2` (-103) under $TTA_BENCH_DATA or ../s
 Online: the Hugging Face dataset `wikitext` (needs `pip install datasets`).
 Articles start at lines ` = Title = ` (one '=' each side); they are the documents.
 """
+
 from __future__ import annotations
 
 import re
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tta_bench.data import Document, Task, default_data_roots
-from tta_bench.errors import TTABenchError
-from tta_bench.registry import register_task
+from tta_bench.api.task import Document, Task, default_data_roots
+from tta_bench.api.errors import TTABenchError
+from tta_bench.api.registry import register_task
 
 TITLE = re.compile(r"^ = [^=].* = $")
 FILE_NAMES = {s: (f"{s}.txt", f"wiki.{s}.tokens") for s in ("train", "valid", "test")}
@@ -41,6 +42,7 @@ def split_articles(text: str) -> list[Document]:
 class _WikiText(Task):
     dataset_config = ""
     folder = ""
+
     @dataclass
     class Params:
         data_dir: str | None = None  # a folder with {train,valid,test}.txt; null: the default data roots
@@ -87,13 +89,17 @@ class _WikiText(Task):
             return None
         folder = self._folder()
         if self.cfg["data_dir"] and not Path(self.cfg["data_dir"]).expanduser().is_dir():
-            return (f"{self.registry_name}: data_dir {self.cfg['data_dir']} does not exist; point `data_dir` at a folder"
-                    f" with {FILE_NAMES[split][0]}")
+            return (
+                f"{self.registry_name}: data_dir {self.cfg['data_dir']} does not exist; point `data_dir` at a folder"
+                f" with {FILE_NAMES[split][0]}"
+            )
         if folder is None and self._online():
             return None
         looked = [str(folder)] if folder else [str(r / self.folder) for r in default_data_roots()]
-        return (f"{self.registry_name} {split} split not found (looked in {', '.join(looked)}); set `data_dir` or"
-                f" $TTA_BENCH_DATA to a folder holding {self.folder}/{FILE_NAMES[split][0]}, or `pip install datasets` to download it")
+        return (
+            f"{self.registry_name} {split} split not found (looked in {', '.join(looked)}); set `data_dir` or"
+            f" $TTA_BENCH_DATA to a folder holding {self.folder}/{FILE_NAMES[split][0]}, or `pip install datasets` to download it"
+        )
 
     def documents(self, split: str) -> list[Document]:
         problem = self.problem(split)

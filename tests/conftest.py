@@ -1,4 +1,5 @@
 """Shared fixtures: the tiny model, small text corpora and bench files in temporary folders."""
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_lm():
-    from tta_bench.models import load_model
+    from tta_bench.protocol.models import load_model
 
     return load_model("tiny", device="cpu")
 
@@ -85,4 +86,6 @@ def cli(*args, cwd=None, env=None):
     import subprocess
 
     e = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "tta_bench", *args], capture_output=True, text=True, cwd=cwd, env=e, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "tta_bench", *args], capture_output=True, text=True, cwd=cwd, env=e, timeout=600
+    )

@@ -1,6 +1,7 @@
 """Deliberately leaky methods (a plugin file: `plugins: [tests/leaky_methods.py]`). Each breaks one
 rule of SPEC 2 the way real implementations have, and tests/test_checks.py shows that the matching
-check of tta_bench.checks catches it. Never use them for results."""
+check of tta_bench.checks.validity catches it. Never use them for results."""
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tta_bench import register_method
-from tta_bench.method import Method
+from tta_bench.api.method import Method
 
 
 @register_method("leaky-peek")
@@ -22,12 +23,16 @@ class PeekAtTarget(Method):
     class Params:
         weight: float = 0.1
 
+    @classmethod
+    def adapts_at_test_time(cls, params) -> bool:
+        return False
+
     @torch.no_grad()
     def score(self, seg):
         lam = self.params.weight
         p = self.lm.logprobs(seg.ids, seg.n).exp()
         # input position L-n+k predicts target k; position L-n+k+1 holds that very target (k < n-1)
-        nxt = seg.ids[0, seg.ids.shape[1] - seg.n + 1:]
+        nxt = seg.ids[0, seg.ids.shape[1] - seg.n + 1 :]
         p[: len(nxt)] *= 1 - lam
         p[torch.arange(len(nxt)), nxt] += lam
         return p.log()
@@ -44,13 +49,17 @@ class _HeadSGD(Method):
         super().__init__(lm, params, seed, protocol)
         self.w0 = lm.head.weight.detach().clone()
 
+    @classmethod
+    def adapts_at_test_time(cls, params) -> bool:
+        return True
+
     def step(self, ids, targets):
         """One SGD step on the head: mean NLL of `targets` given hidden states at `ids`."""
         w = self.lm.head.weight
-        h = self.lm.hidden(ids)[0, -len(targets):].detach()
+        h = self.lm.hidden(ids)[0, -len(targets) :].detach()
         with torch.enable_grad():
             w.requires_grad_(True)
-            g, = torch.autograd.grad(F.cross_entropy(F.linear(h, w).float(), targets), w)
+            (g,) = torch.autograd.grad(F.cross_entropy(F.linear(h, w).float(), targets), w)
             w.requires_grad_(False)
         with torch.no_grad():
             w -= self.params.lr * g
@@ -99,6 +108,10 @@ class Unnormalised(Method):
         doc: int = 1
         token: int = 5
 
+    @classmethod
+    def adapts_at_test_time(cls, params) -> bool:
+        return False
+
     @torch.no_grad()
     def score(self, seg):
         lp = self.lm.logprobs(seg.ids, seg.n)
@@ -118,6 +131,10 @@ class UnigramFromFile(Method):
         path: str = ""
         weight: float = 0.5
         when: Literal["prepare", "score"] = "prepare"
+
+    @classmethod
+    def adapts_at_test_time(cls, params) -> bool:
+        return False
 
     def prepare(self, data):
         self.unigram = None
@@ -151,13 +168,17 @@ class Unseeded(Method):
     class Params:
         scale: float = 0.1
 
+    @classmethod
+    def adapts_at_test_time(cls, params) -> bool:
+        return False
+
     def prepare(self, data):
         g = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
         self.bias = (torch.randn(self.lm.vocab_size, generator=g) * self.params.scale).to(self.lm.device)
 
     @torch.no_grad()
     def score(self, seg):
-        h = self.lm.hidden(seg.ids)[0, -seg.n:]
+        h = self.lm.hidden(seg.ids)[0, -seg.n :]
         return F.log_softmax(self.lm.logits(h) + self.bias, dim=-1)
 
 

@@ -2,6 +2,7 @@
 most 3 lines that name the problem (the `# expect:` line of the file), no traceback, and nothing
 written to the results folder. A file marked `# run-time` holds a problem only a loaded model shows
 (its window, its tokenizer's runs): `validate` passes it, and `run` refuses it before any compute."""
+
 from __future__ import annotations
 
 import shutil
@@ -14,8 +15,10 @@ from tta_bench.cli import main
 
 BAD = REPO / "tests" / "bad_benches"
 FILES = sorted(BAD.glob("*.yaml"))
-WORDS = ("the model adapts to each document while it scores every token and learns from what it has seen before"
-         " the next segment arrives with new words about rivers mountains cities and the people who live there").split()
+WORDS = (
+    "the model adapts to each document while it scores every token and learns from what it has seen before"
+    " the next segment arrives with new words about rivers mountains cities and the people who live there"
+).split()
 
 
 def _text(seed: int, n: int) -> str:
@@ -29,7 +32,7 @@ def _text(seed: int, n: int) -> str:
 def _forget_bad_plugins():
     """The registry lives as long as the process: drop what these plugins registered, so that later
     tests (which check every registered method) never meet them."""
-    from tta_bench import registry
+    from tta_bench.api import registry
 
     yield
     for reg in registry.REGISTRIES.values():

@@ -1,11 +1,13 @@
 """The continuous cache against a token-by-token reference of Grave et al. 2017, and causality."""
+
 import pytest
 import torch
 
-from tta_bench.data import Document, tokenize
-from tta_bench.evaluate import Protocol, evaluate
-from tta_bench.method import method_class
-from tta_bench.prepared import PrepareData
+from tta_bench.api.task import Document
+from tta_bench.protocol.stream import tokenize
+from tta_bench.protocol.evaluate import Protocol, evaluate
+from tta_bench.api.method import method_class
+from tta_bench.prepare.prepared import PrepareData
 from tests.conftest import SAMPLE
 
 
@@ -45,11 +47,11 @@ class CacheReference:
     def p_cache(self, seg, h):
         """(n, V) float64; a row of zeros where the history is empty."""
         n = seg.n
-        nxt = seg.ids[0, seg.ids.shape[1] - n + 1:].tolist()
+        nxt = seg.ids[0, seg.ids.shape[1] - n + 1 :].tolist()
         p = torch.zeros(n, self.lm.vocab_size, dtype=torch.float64)
         self.pairs = 0
         for t in range(n):
-            entries = (self.hist + [(h[j], nxt[j]) for j in range(t)])[-self.window:]
+            entries = (self.hist + [(h[j], nxt[j]) for j in range(t)])[-self.window :]
             self.pairs += len(entries)
             if not entries:
                 continue
@@ -91,10 +93,13 @@ def test_cache_equals_bruteforce(tiny_lm, window, theta, reset):
     assert lm.ledger.extra["search.cache"] == pairs * lm.hidden_size  # one dot product per (query, entry)
 
 
-@pytest.mark.parametrize("name,params", [
-    ("cache", {"window": 50}),
-    ("knn-cache", {"k": 8, "online": True, "window": 50, "index": "exact"}),
-])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("cache", {"window": 50}),
+        ("knn-cache", {"k": 8, "online": True, "window": 50, "index": "exact"}),
+    ],
+)
 @pytest.mark.parametrize("reset", ["document", "never"])
 def test_causal(tiny_lm, name, params, reset):
     """Changing the stream from position p on leaves every earlier log-probability unchanged, while
@@ -133,7 +138,9 @@ def test_reset_document_clears_cache_never_keeps_it(tiny_lm):
     assert (lp_never - bare_never).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("params,message", [({"window": 0}, "window"), ({"lam": 1.0}, "lam"), ({"theta": -1.0}, "theta")])
+@pytest.mark.parametrize(
+    "params,message", [({"window": 0}, "window"), ({"lam": 1.0}, "lam"), ({"theta": -1.0}, "theta")]
+)
 def test_bad_params_are_refused(params, message):
     _, errs = method_class("cache").make_params(params)
     assert errs and message in errs[0]

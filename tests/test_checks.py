@@ -1,6 +1,7 @@
 """Validity checks (SPEC 6): every registered method passes them on the tiny model; each deliberately
 leaky method in tests/leaky_methods.py fails the check it violates, with the place and size of the
 leak, which these tests work out independently (closed forms, a second naive comparison)."""
+
 import json
 import math
 import os
@@ -11,11 +12,12 @@ import pytest
 import torch
 
 from tests.conftest import REPO, SAMPLE, write_bench
-from tta_bench import registry
-from tta_bench.checks import CHECKS, CheckSettings, bench_settings, check_method, failures, option_variants, perturbed
-from tta_bench.data import Stream, TokenizedDoc, tokenize
-from tta_bench.evaluate import Protocol, evaluate
-from tta_bench.method import method_class
+from tta_bench.api import registry
+from tta_bench.checks.probes import perturbed
+from tta_bench.checks.validity import CHECKS, CheckSettings, bench_settings, check_method, failures, option_variants
+from tta_bench.protocol.stream import Stream, TokenizedDoc
+from tta_bench.protocol.evaluate import Protocol, evaluate
+from tta_bench.api.method import method_class
 
 LEAKY = REPO / "tests" / "leaky_methods.py"
 S = CheckSettings()
@@ -29,8 +31,10 @@ def _registered() -> list[str]:
 
 def _prose(seed: int, n_words: int) -> str:
     rng = random.Random(seed)
-    words = ("the model adapts to each document while it scores every token and learns from what it has"
-             " seen before the next segment arrives with new words").split()
+    words = (
+        "the model adapts to each document while it scores every token and learns from what it has"
+        " seen before the next segment arrives with new words"
+    ).split()
     lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(n_words // 12)]
     return "\n".join(lines) + "\n"
 
@@ -68,7 +72,7 @@ def _check_stream(lm):
 
 def _rows(lm, method, params, stream, reset):
     """All log-probabilities (N, V) a fresh, prepared instance gives the stream."""
-    from tta_bench.cells import seed_everything
+    from tta_bench.run.cells import seed_everything
 
     seed_everything(0)
     cls = method_class(method)
@@ -114,13 +118,16 @@ def test_every_registered_method_passes_every_check(tiny_lm, task, name, option)
     assert all(report["checks"][c]["passed"] is True for c in CHECKS)  # none skipped on CPU
 
 
-@pytest.mark.parametrize("option", [o for o in [{}] + option_variants(method_class("fwl")) if o.get("fast", True)],
-                         ids=lambda o: "".join(f"[{k}={v}]" for k, v in o.items()) or "[quick]")
+@pytest.mark.parametrize(
+    "option",
+    [o for o in [{}] + option_variants(method_class("fwl")) if o.get("fast", True)],
+    ids=lambda o: "".join(f"[{k}={v}]" for k, v in o.items()) or "[quick]",
+)
 def test_the_checks_see_fwls_fast_path(tiny_lm, task, option):
     """In the checks' own settings (quick params, check stream and protocol), every fast FWL setting scores
     at least 100 x the causality tolerance away from its step-size-0 control: the checks exercise the fast
     weights, not only the slow block."""
-    from tta_bench.checks import CheckData, _Instance
+    from tta_bench.checks.probes import CheckData, CheckInstance
 
     fwl = method_class("fwl")
     params = fwl.make_params({**fwl.quick_params, **option})[0]
@@ -128,8 +135,10 @@ def test_the_checks_see_fwls_fast_path(tiny_lm, task, option):
     static = method_class("fwl-static").make_params({**fwl.quick_params, **control["params"]})[0]
     data = CheckData(tiny_lm, task, None)
     stream = data.check_stream(S.doc_lengths)
-    rows = [_Instance(cls, p, tiny_lm, 0, Protocol(S.segment_len, S.context_len, "document"), data).run(stream)[1]
-            for cls, p in ((fwl, params), (method_class("fwl-static"), static))]
+    rows = [
+        CheckInstance(cls, p, tiny_lm, 0, Protocol(S.segment_len, S.context_len, "document"), data).run(stream)[1]
+        for cls, p in ((fwl, params), (method_class("fwl-static"), static))
+    ]
     assert (rows[0] - rows[1]).abs().max().item() >= 100 * S.atol
 
 
@@ -140,7 +149,9 @@ def test_causality_places_t_at_segment_and_document_boundaries_and_inside_under_
     cases = {(c["reset"], c["at"]): c["t"] for c in report["checks"]["causality"]["details"]["cases"]}
     n0 = len(stream.docs[0].ids)
     for reset in ("document", "never"):
-        seg, inside, doc = (cases[(reset, a)] for a in ("at a segment boundary", "inside a segment", "at a document boundary"))
+        seg, inside, doc = (
+            cases[(reset, a)] for a in ("at a segment boundary", "inside a segment", "at a document boundary")
+        )
         assert 0 < seg < n0 and seg % S.segment_len == 0  # a segment starts at t, within document 0
         assert 0 < inside < n0 and inside % S.segment_len != 0
         assert doc == n0  # the first token of document 1
@@ -200,16 +211,22 @@ def test_an_unnormalised_distribution_fails_normalisation_at_its_position(tiny_l
         assert f"at position {pos} (doc 1, token 5) the distribution sums to {math.exp(shift):.6g}" in msg
         assert "1 of 72 positions" in msg
     for reset in ("document", "never"):
-        assert report["checks"]["normalisation"]["details"][reset]["max_abs_logsumexp"] == pytest.approx(shift, abs=1e-5)
+        assert report["checks"]["normalisation"]["details"][reset]["max_abs_logsumexp"] == pytest.approx(
+            shift, abs=1e-5
+        )
 
 
 @pytest.mark.parametrize("when", ["prepare", "score"])
 def test_reading_the_evaluated_split_in_prepare_or_while_scoring_fails_split_separation(tiny_lm, task, leaky, when):
     path = os.path.join(task["params"]["splits"]["test"], "doc1.txt")
-    problems = _passed_except(check_method(tiny_lm, "leaky-split", {"path": path, "when": when}, task), "split_separation")
-    assert problems == [f"split_separation (leaky-split): {when} opened {os.path.realpath(path)} ({os.path.getsize(path)} bytes),"
-                        " a file the task reads for the evaluated split 'test' (and not for 'train'); a method reads data"
-                        " only through PrepareData.load() and the segments it is given"]
+    problems = _passed_except(
+        check_method(tiny_lm, "leaky-split", {"path": path, "when": when}, task), "split_separation"
+    )
+    assert problems == [
+        f"split_separation (leaky-split): {when} opened {os.path.realpath(path)} ({os.path.getsize(path)} bytes),"
+        " a file the task reads for the evaluated split 'test' (and not for 'train'); a method reads data"
+        " only through PrepareData.load() and the segments it is given"
+    ]
     # the same method fitted on what PrepareData serves is fine
     assert check_method(tiny_lm, "leaky-split", {}, task)["passed"]
 
@@ -251,8 +268,8 @@ def test_a_method_that_leaves_the_shared_model_changed_fails_isolation_and_is_un
 
 def test_check_command_and_run_check_record_the_outcome(tmp_path, task, capsys, leaky):
     from tta_bench.cli import main
-    from tta_bench.config import load
-    from tta_bench.runner import run
+    from tta_bench.run.config import load
+    from tta_bench.run.runner import run
 
     bench = write_bench(tmp_path, task["params"]["splits"], plugins=[str(LEAKY)], methods=["none", "leaky-peek"])
     assert main(["check", str(bench), "--only-bench", "--json", str(tmp_path / "checks.json")]) == 1
@@ -265,7 +282,10 @@ def test_check_command_and_run_check_record_the_outcome(tmp_path, task, capsys, 
     assert set(_registered()) | {"leaky-peek"} <= names
 
     run_dir = run(str(bench), check=True, log=lambda *a: None)
-    cells = {c["config"]["method"]["name"]: c for c in map(lambda p: json.loads(p.read_text()), (run_dir / "cells").glob("*.json"))}
+    cells = {
+        c["config"]["method"]["name"]: c
+        for c in map(lambda p: json.loads(p.read_text()), (run_dir / "cells").glob("*.json"))
+    }
     assert cells["none"]["checks"]["passed"] is True
     peek = cells["leaky-peek"]["checks"]
     assert peek["passed"] is False and peek["checks"]["causality"]["passed"] is False

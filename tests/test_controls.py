@@ -1,16 +1,17 @@
 """The controls (SPEC 3): FWL with step sizes fixed at 0 from the start, the fine-tuned base model,
 dynamic evaluation on top of it, and how the leaderboard sets each test-time method against its control."""
+
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 from tests.test_fwl import TEXT, make, run, stream_of
-from tta_bench.evaluate import Protocol
-from tta_bench.method import method_class
-from tta_bench.registry import discover
+from tta_bench.protocol.evaluate import Protocol
+from tta_bench.api.method import method_class
+from tta_bench.results.records import CellRecord
+from tta_bench.api.registry import discover
 
 PROTOCOL = Protocol(16, 1, "document")
 
@@ -25,12 +26,12 @@ def test_fwl_static_is_trained_with_step_sizes_zero_and_runs_only_the_slow_block
     stream = stream_of(tiny_lm, TEXT)
     got = run(static, stream, PROTOCOL)
     seg_logprobs = []  # independently: the slow block on the base hidden states, nothing else
-    from tta_bench.evaluate import segments
+    from tta_bench.protocol.evaluate import segments
 
     for seg, _, _ in segments(stream, PROTOCOL, tiny_lm.start_id):
         with torch.no_grad():
             h = tiny_lm.hidden(seg.ids)[0]
-            logits = static.block.logits(static.block.slow(h.float()[None]).z, tiny_lm.logits(h)[None])[0, -seg.n:]
+            logits = static.block.logits(static.block.slow(h.float()[None]).z, tiny_lm.logits(h)[None])[0, -seg.n :]
         seg_logprobs.append(torch.log_softmax(logits, -1))
     assert all(torch.allclose(a, b, atol=1e-5) for (_, a), b in zip(got, seg_logprobs))
     # the fast block's scores differ from its slow pass far beyond that tolerance: the control removes something
@@ -43,15 +44,25 @@ def test_controls_name_the_matching_setting():
     fwl = method_class("fwl").make_params({"size": 32, "train_steps": 7})[0]
     want = method_class("fwl").control(fwl)
     assert want["method"] == "fwl-static" and want["params"]["size"] == 32 and want["params"]["train_steps"] == 7
-    assert method_class("fwl-dynamic-eval").control(method_class("fwl-dynamic-eval").make_params({})[0])["method"] == "fwl-static"
+    assert (
+        method_class("fwl-dynamic-eval").control(method_class("fwl-dynamic-eval").make_params({})[0])["method"]
+        == "fwl-static"
+    )
     assert "train_fast_state" not in want["params"]  # fwl-static reads shuffled pieces too, by default
-    carried = method_class("fwl").control(method_class("fwl").make_params({"fast_state": "document", "recurrent": True})[0])
-    assert carried["params"]["train_fast_state"] == "document" and "recurrent" not in carried["params"]  # same reading order
+    carried = method_class("fwl").control(
+        method_class("fwl").make_params({"fast_state": "document", "recurrent": True})[0]
+    )
+    assert (
+        carried["params"]["train_fast_state"] == "document" and "recurrent" not in carried["params"]
+    )  # same reading order
     assert not method_class("fwl-static").adapts_at_test_time(method_class("fwl-static").make_params({})[0])
     knn = method_class("knn-lm")
     assert knn.control(knn.make_params({})[0]) is None and not knn.adapts_at_test_time(knn.make_params({})[0])
     online = knn.make_params({"online": True, "k": 8})[0]
-    assert knn.control(online) == {"method": "knn-lm", "params": {**knn.control(online)["params"], "online": False, "k": 8}}
+    assert knn.control(online) == {
+        "method": "knn-lm",
+        "params": {**knn.control(online)["params"], "online": False, "k": 8},
+    }
     ft = method_class("finetune-dynamic-eval").make_params({"blocks": 1})[0]
     assert method_class("finetune-dynamic-eval").control(ft)["params"]["blocks"] == 1
     assert method_class("dynamic-eval").control(method_class("dynamic-eval").make_params({})[0]) is None
@@ -94,32 +105,82 @@ def test_finetune_dynamic_eval_starts_from_the_finetuned_weights_and_gives_the_b
 
 
 def _record(label, method, params, nll, role, tokens=(100, 100, 100)):
-    return {"schema": "tta-bench/cell/v2", "cell_id": label, "label": label, "status": "ok",
-            "config": {"task": {"name": "t", "split": "test"}, "model": {"name": "m"}, "method": {"name": method},
-                       "limits": {}, "seed": 0},
-            "resolved": {"segment_len": 16, "context_len": 1, "reset": "document", "method_params": params,
-                         "model_fingerprint": "f"},
-            "stream": {"fingerprint": "s", "task": "t"}, "role": role, "resume_key": {},
-            "metrics": {"token_ppl": 1.0, "word_ppl": 1.0, "bits_per_byte": 1.0, "ci95": {"token_ppl": [1, 1]}, "nll_sum": sum(nll)},
+    """A finished cell's record as the leaderboard reads it: its file's mapping through CellRecord."""
+    return CellRecord.from_json(
+        {
+            "schema": "tta-bench/cell/v2",
+            "cell_id": label,
+            "label": label,
+            "status": "ok",
+            "config": {
+                "task": {"name": "t", "split": "test"},
+                "model": {"name": "m"},
+                "method": {"name": method},
+                "limits": {},
+                "seed": 0,
+            },
+            "resolved": {
+                "segment_len": 16,
+                "context_len": 1,
+                "reset": "document",
+                "method_params": params,
+                "model_fingerprint": "f",
+            },
+            "stream": {"fingerprint": "s", "task": "t"},
+            "role": role,
+            "resume_key": {},
+            "metrics": {
+                "token_ppl": 1.0,
+                "word_ppl": 1.0,
+                "bits_per_byte": 1.0,
+                "ci95": {"token_ppl": [1, 1]},
+                "nll_sum": sum(nll),
+            },
             "per_doc": [{"nll": n, "tokens": t} for n, t in zip(nll, tokens)],
-            "costs": {"gflops_per_token": 1.0, "tokens_per_second": 1.0, "peak_memory_bytes": 1, "prepare_seconds": 0,
-                      "prepare_flops": 0, "device": "cpu"}}
+            "costs": {
+                "gflops_per_token": 1.0,
+                "tokens_per_second": 1.0,
+                "peak_memory_bytes": 1,
+                "prepare_seconds": 0,
+                "prepare_flops": 0,
+                "device": "cpu",
+            },
+        }
+    )
 
 
 def test_the_leaderboard_sets_each_method_against_its_control(tmp_path):
     import math
 
-    from tta_bench.leaderboard import rows
+    from tta_bench.results.leaderboard import rows
 
-    recs = [_record("none", "none", {}, [300, 200, 250], {"test_time": False, "control": None}),
-            _record("static", "fwl-static", {"size": 8, "lr": 1.0}, [280, 190, 240], {"test_time": False, "control": None}),
-            _record("other static", "fwl-static", {"size": 16, "lr": 1.0}, [10, 10, 10], {"test_time": False, "control": None}),
-            _record("fwl", "fwl", {"size": 8, "lr": 1.0}, [270, 185, 235],
-                    {"test_time": True, "control": {"method": "fwl-static", "params": {"size": 8}}}),
-            _record("cache", "cache", {}, [290, 195, 245], {"test_time": True, "control": None}),
-            _record("lost", "fwl", {"size": 4}, [1, 1, 1], {"test_time": True, "control": {"method": "fwl-static", "params": {"size": 4}}})]
+    recs = [
+        _record("none", "none", {}, [300, 200, 250], {"test_time": False, "control": None}),
+        _record("static", "fwl-static", {"size": 8, "lr": 1.0}, [280, 190, 240], {"test_time": False, "control": None}),
+        _record(
+            "other static", "fwl-static", {"size": 16, "lr": 1.0}, [10, 10, 10], {"test_time": False, "control": None}
+        ),
+        _record(
+            "fwl",
+            "fwl",
+            {"size": 8, "lr": 1.0},
+            [270, 185, 235],
+            {"test_time": True, "control": {"method": "fwl-static", "params": {"size": 8}}},
+        ),
+        _record("cache", "cache", {}, [290, 195, 245], {"test_time": True, "control": None}),
+        _record(
+            "lost",
+            "fwl",
+            {"size": 4},
+            [1, 1, 1],
+            {"test_time": True, "control": {"method": "fwl-static", "params": {"size": 4}}},
+        ),
+    ]
     table = {r["method"]: r for r in next(iter(rows(recs).values()))}
-    ppl = {k: math.exp(sum(n) / 300) for k, n in [("none", [300, 200, 250]), ("static", [280, 190, 240]), ("fwl", [270, 185, 235])]}
+    ppl = {
+        k: math.exp(sum(n) / 300)
+        for k, n in [("none", [300, 200, 250]), ("static", [280, 190, 240]), ("fwl", [270, 185, 235])]
+    }
     assert table["fwl"]["control"] == "static" and table["fwl"]["kind"] == "TTA"
     assert table["fwl"]["vs_control"]["delta_ppl"] == pytest.approx(ppl["fwl"] - ppl["static"])
     assert table["fwl"]["vs_none"]["delta_ppl"] == pytest.approx(ppl["fwl"] - ppl["none"])

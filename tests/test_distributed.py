@@ -1,6 +1,7 @@
 """Beyond one machine (SPEC 8): groups of cells on a real local Ray instance and through submitit
 (real subprocesses, and its debug executor) give the cells the local executor gives; torchrun
 shares a cell's documents across processes with per-document NLL bit-identical to one process."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, write_bench
-from tta_bench import runner
+from tta_bench.run import runner
 
 METHODS = ["none", {"name": "dynamic-eval", "lr": 0.01}]
 # Workers run a group on `cpus: 1` thread; the local reference runs on one thread too, so that the
@@ -24,8 +25,14 @@ def _results(run_dir) -> dict:
     out = {}
     for f in (run_dir / "cells").glob("*.json"):
         rec = json.loads(f.read_text())
-        out[f.stem] = (rec["status"], rec["label"], [d["nll"] for d in rec["per_doc"]], rec["metrics"]["nll_sum"],
-                       rec["resume_key"], rec["costs"]["flops"])
+        out[f.stem] = (
+            rec["status"],
+            rec["label"],
+            [d["nll"] for d in rec["per_doc"]],
+            rec["metrics"]["nll_sum"],
+            rec["resume_key"],
+            rec["costs"]["flops"],
+        )
     return out
 
 
@@ -55,15 +62,36 @@ def test_ray_runs_the_groups_on_a_local_instance_as_the_local_executor_does(tmp_
 def test_submitit_runs_the_groups_as_the_local_executor_does(tmp_path, corpus, local, cluster):
     pytest.importorskip("submitit")
     (tmp_path / f"submitit-{cluster}").mkdir()
-    bench = write_bench(tmp_path / f"submitit-{cluster}", corpus, seeds=[0, 1], methods=METHODS,
-                        executor={"name": "slurm", "cluster": cluster, "shared_fs": cluster == "local"})
+    bench = write_bench(
+        tmp_path / f"submitit-{cluster}",
+        corpus,
+        seeds=[0, 1],
+        methods=METHODS,
+        executor={"name": "slurm", "cluster": cluster, "shared_fs": cluster == "local"},
+    )
     assert _results(_run(bench)) == local
 
 
 def _torchrun(bench, n: int, env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                           "-m", "tta_bench", "run", str(bench), "--no-progress"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            "-m",
+            "tta_bench",
+            "run",
+            str(bench),
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_torchrun_shares_out_documents_with_per_document_nll_bit_identical(tmp_path, corpus):
@@ -72,8 +100,14 @@ def test_torchrun_shares_out_documents_with_per_document_nll_bit_identical(tmp_p
     for name, limits in (("three", {"docs": 3}), ("one", {"docs": 1})):  # 3 documents on 2 ranks; a rank with none
         (tmp_path / name).mkdir()
         bench = write_bench(tmp_path / name, corpus, methods=methods, limits=limits)
-        one = subprocess.run([sys.executable, "-m", "tta_bench", "run", str(bench), "--no-progress"], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=600)
+        one = subprocess.run(
+            [sys.executable, "-m", "tta_bench", "run", str(bench), "--no-progress"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert one.returncode == 0, one.stderr
         single = _results(tmp_path / name / "results" / "t")
         two = _torchrun(write_bench(tmp_path / name, corpus, methods=methods, limits=limits, run="sharded"), 2, env)
@@ -100,18 +134,19 @@ def test_a_requeued_slurm_job_skips_the_cells_it_already_wrote(tmp_path, corpus)
     """submitit requeues a preempted job with the same arguments (checkpoint); the rerun finds the
     cells written before the preemption and runs only the rest."""
     pytest.importorskip("submitit")
-    from tta_bench.config import expand, load
-    from tta_bench.executors import _GroupJob, groups
+    from tta_bench.run.config import expand, load
+    from tta_bench.run.executors import GroupJob, groups
+    from tta_bench.run.options import RunOptions
 
     bench = write_bench(tmp_path, corpus, methods=METHODS, executor="slurm")
     cfg = load(str(bench))
     (group,) = groups(expand(cfg, "cpu"))
-    args = (cfg.raw, str(bench), [c.cell_id for c in group], False, False, {}, True)
-    job = _GroupJob()
+    args = (cfg.raw, str(bench), [c.cell_id for c in group], RunOptions(progress=False), {}, True)
+    job = GroupJob()
     again = job.checkpoint(*args)
     assert again.function is job and again.args == args
     first = job(*args[:2], [group[0].cell_id], *args[3:])  # preempted after the first cell
-    assert [r["label"] for r in first] == ["none"]
+    assert [r.label for r in first] == ["none"]
     rest = again.function(*again.args)
-    assert [r["label"] for r in rest] == ["dynamic-eval(lr=0.01)"]
+    assert [r.label for r in rest] == ["dynamic-eval(lr=0.01)"]
     assert len(list((tmp_path / "results" / "t" / "cells").glob("*.json"))) == 2

@@ -1,5 +1,6 @@
 """Dynamic evaluation: equality with a naive implementation (torch.optim.SGD, a hand-written RMS step),
 resets, causality, FLOP accounting, parameter selection, and the `select_on` grid selection."""
+
 from __future__ import annotations
 
 import copy
@@ -10,15 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tta_bench.data import Document, tokenize
-from tta_bench_methods.dynamic_eval.update import select_parameters
-from tta_bench.errors import TTABenchError
-from tta_bench.evaluate import Protocol, evaluate
-from tta_bench.flops import Ledger
-from tta_bench.method import method_class
-from tta_bench.prepared import PrepareData
-from tta_bench.models import load_model
-from tta_bench.registry import discover
+from tta_bench.api.task import Document
+from tta_bench.protocol.stream import tokenize
+from tta_bench_methods._common.selection import select_parameters
+from tta_bench.api.errors import TTABenchError
+from tta_bench.protocol.evaluate import Protocol, evaluate
+from tta_bench.protocol.flops import Ledger
+from tta_bench.api.method import method_class
+from tta_bench.prepare.prepared import PrepareData
+from tta_bench.protocol.models import load_model
+from tta_bench.api.registry import discover
 
 from tests.conftest import write_bench
 
@@ -71,7 +73,7 @@ def windows(ids, start_id, n_segments):
     out = []
     for k in range(n_segments):
         a, b = 1 + k * S, min(1 + (k + 1) * S, len(x))
-        out.append((x[max(0, b - 1 - W): b - 1][None], x[a:b]))
+        out.append((x[max(0, b - 1 - W) : b - 1][None], x[a:b]))
     return out
 
 
@@ -87,9 +89,17 @@ def naive_logprobs(model, ids, n, context_grad=False):
     return F.log_softmax(model(input_ids=ids[:, -n:], use_cache=True, **{kw: cache}).logits[0].float(), dim=-1)
 
 
-@pytest.mark.parametrize("decay,select,tied,context_grad", [
-    (0.0, "all", False, False), (0.05, "all", False, False), (0.0, "all", True, False), (0.0, "all", False, True),
-    (0.0, "last 1", False, False), (0.0, r"mlp\.(up|down)_proj", False, False)])
+@pytest.mark.parametrize(
+    "decay,select,tied,context_grad",
+    [
+        (0.0, "all", False, False),
+        (0.05, "all", False, False),
+        (0.0, "all", True, False),
+        (0.0, "all", False, True),
+        (0.0, "last 1", False, False),
+        (0.0, r"mlp\.(up|down)_proj", False, False),
+    ],
+)
 def test_sgd_equals_torch_optim(lm, decay, select, tied, context_grad):
     in_float64(lm)
     if tied:  # one matrix for the input embedding and the output head, as in most small LMs
@@ -138,8 +148,15 @@ def test_rms_equals_hand_written_step(lm, decay):
     naive = copy.deepcopy(lm.model)
     lr, eps, n_stat = 3e-3, 1e-5, 3
     method = make(lm, protocol, variant="rms", lr=lr, decay=decay, eps=eps, n_stat_segments=n_stat)
-    method.prepare(PrepareData("train", lambda limit_tokens=None, limit_docs=None: tokenize(
-        [Document("p", PREP_TEXT)], lm.tokenizer, "t", "train", limit_docs, limit_tokens), lm))
+    method.prepare(
+        PrepareData(
+            "train",
+            lambda limit_tokens=None, limit_docs=None: tokenize(
+                [Document("p", PREP_TEXT)], lm.tokenizer, "t", "train", limit_docs, limit_tokens
+            ),
+            lm,
+        )
+    )
     got = run(method, stream, protocol)
 
     params = list(naive.parameters())
@@ -185,8 +202,8 @@ def test_reset_policy(lm):
 
 
 def test_runner_leaves_shared_model_unchanged(lm, corpus, tmp_path):
-    from tta_bench.config import expand, load
-    from tta_bench.cellrun import StreamCache, run_cell
+    from tta_bench.run.config import expand, load
+    from tta_bench.run.cellrun import StreamCache, run_cell
 
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     cfg = load(str(write_bench(tmp_path, corpus, methods=[{"name": "dynamic-eval", "lr": 0.05}, "none"])))
@@ -195,7 +212,7 @@ def test_runner_leaves_shared_model_unchanged(lm, corpus, tmp_path):
         for n, p in lm.model.named_parameters():
             assert torch.equal(p, before[n]) and not p.requires_grad, n
         if cell.method["name"] == "dynamic-eval":
-            flops = record["costs"]["flops"]
+            flops = record.costs["flops"]
             assert flops["adapt.backward"] > 0 and flops["adapt.update"] > 0
 
 
@@ -219,15 +236,26 @@ def test_causality(lm, t):
 
 
 def test_flops(lm):
-    from tta_bench.models import TINY_CONFIG
+    from tta_bench.protocol.models import TINY_CONFIG
 
     protocol = Protocol(S, C, "document")
     stream = stream_of(lm, [TEXT * 2])
     runs = {}
-    for select, decay, context_grad in (("all", 0.0, True), ("all", 0.1, True), ("last 1", 0.0, True), ("all", 0.0, False)):
+    for select, decay, context_grad in (
+        ("all", 0.0, True),
+        ("all", 0.1, True),
+        ("last 1", 0.0, True),
+        ("all", 0.0, False),
+    ):
         method = make(lm, protocol, lr=1e-3, params=select, decay=decay, context_grad=context_grad)
         shapes = []
-        evaluate(method, stream, protocol, progress=False, observer=lambda seg, lp, t: shapes.append((seg.ids.shape[1], seg.n)))
+        evaluate(
+            method,
+            stream,
+            protocol,
+            progress=False,
+            observer=lambda seg, lp, t: shapes.append((seg.ids.shape[1], seg.n)),
+        )
         method.close()
         f = runs[select, decay, context_grad] = lm.ledger.resolve()["flops"]
         numel = sum(p.numel() for _, p in select_parameters(lm.model, select))
@@ -249,8 +277,12 @@ def test_flops(lm):
 def test_parameter_selection(lm):
     names = [n for n, _ in lm.model.named_parameters()]
     assert [n for n, _ in select_parameters(lm.model, "all")] == names
-    assert {n for n, _ in select_parameters(lm.model, "last 1")} == {n for n in names if n.startswith("model.layers.1.")}
-    assert {n for n, _ in select_parameters(lm.model, "last:2 blocks")} == {n for n in names if n.startswith("model.layers.")}
+    assert {n for n, _ in select_parameters(lm.model, "last 1")} == {
+        n for n in names if n.startswith("model.layers.1.")
+    }
+    assert {n for n, _ in select_parameters(lm.model, "last:2 blocks")} == {
+        n for n in names if n.startswith("model.layers.")
+    }
     assert {n for n, _ in select_parameters(lm.model, "norm")} == {n for n in names if "norm" in n}
     for bad in ("last 3", "no_such_name"):
         with pytest.raises(TTABenchError):
@@ -262,8 +294,8 @@ def test_parameter_selection(lm):
 
 
 def test_select_on_picks_best_on_the_other_split(corpus, tmp_path):
-    from tta_bench.config import expand, load, read_yaml, validate
-    from tta_bench.cellrun import StreamCache, run_cell
+    from tta_bench.run.config import expand, load, read_yaml, validate
+    from tta_bench.run.cellrun import StreamCache, run_cell
 
     grid = {"name": "dynamic-eval", "lr": [1e-4, 0.03, 0.3], "decay": 0.01}
     bad = write_bench(tmp_path, corpus, methods=[{**grid, "select_on": "test"}])
@@ -275,23 +307,33 @@ def test_select_on_picks_best_on_the_other_split(corpus, tmp_path):
     assert "select_on=train" in cell.label
     lm = load_model("tiny", device="cpu")
     record = run_cell(cell, lm, StreamCache(), progress=False)
-    sel = record["selection"]
-    assert sel["split"] == "train" and record["stream"]["split"] == "test"
+    sel = record.selection
+    assert sel["split"] == "train" and record.stream["split"] == "test"
 
     # Independently: each setting as an ordinary cell on the train split, then the winner on test.
-    plain = load(str(write_bench(tmp_path, corpus, methods=[grid], tasks=[
-        {"name": "text", "split": "train", "prepare_split": "test", "splits": corpus}])))
+    plain = load(
+        str(
+            write_bench(
+                tmp_path,
+                corpus,
+                methods=[grid],
+                tasks=[{"name": "text", "split": "train", "prepare_split": "test", "splits": corpus}],
+            )
+        )
+    )
     scores = {}
     for c in expand(plain, "cpu"):
-        scores[c.method["params"]["lr"]] = run_cell(c, lm, StreamCache(), progress=False)["metrics"]["nll_sum"]
+        scores[c.method["params"]["lr"]] = run_cell(c, lm, StreamCache(), progress=False).metrics["nll_sum"]
     best = min(scores, key=scores.get)
     assert sel["chosen"] == {"lr": best, "decay": 0.01}
     assert [c["nll_sum"] for c in sel["candidates"]] == pytest.approx([scores[lr] for lr in grid["lr"]])
     direct = load(str(write_bench(tmp_path, corpus, methods=[{"name": "dynamic-eval", "lr": best, "decay": 0.01}])))
     (dc,) = expand(direct, "cpu")
-    assert record["metrics"]["nll_sum"] == pytest.approx(run_cell(dc, lm, StreamCache(), progress=False)["metrics"]["nll_sum"])
-    assert record["resolved"]["method_params"]["lr"] == best
-    json.dumps(record)  # the record stays serialisable
+    assert record.metrics["nll_sum"] == pytest.approx(
+        run_cell(dc, lm, StreamCache(), progress=False).metrics["nll_sum"]
+    )
+    assert record.resolved["method_params"]["lr"] == best
+    json.dumps(record.to_json())  # the record stays serialisable
 
 
 @pytest.mark.slow
@@ -299,24 +341,30 @@ def test_smollm2_sgd_lowers_wikitext2_perplexity():
     """The issue's acceptance: WikiText-2 test, first 20,000 tokens, segments of 128, no context, one
     stream as Krause et al. (reset never): SGD on all parameters with lr 1e-3 lowers token perplexity
     by at least 25% against none."""
-    from tta_bench.config import expand, validate
-    from tta_bench.cellrun import StreamCache, run_cell
+    from tta_bench.run.config import expand, validate
+    from tta_bench.run.cellrun import StreamCache, run_cell
 
-    raw = {"device": "cpu", "progress": False, "models": ["smollm2-135m"],
-           "protocol": {"segment_len": 128, "context_len": 1, "reset": "never"}, "limits": {"tokens": 20000},
-           "tasks": [{"name": "wikitext-2", "split": "test"}], "methods": ["none", {"name": "dynamic-eval", "lr": 1e-3}]}
+    raw = {
+        "device": "cpu",
+        "progress": False,
+        "models": ["smollm2-135m"],
+        "protocol": {"segment_len": 128, "context_len": 1, "reset": "never"},
+        "limits": {"tokens": 20000},
+        "tasks": [{"name": "wikitext-2", "split": "test"}],
+        "methods": ["none", {"name": "dynamic-eval", "lr": 1e-3}],
+    }
     cfg, problems = validate(raw)
     assert not problems, problems
     lm = load_model("smollm2-135m", device="cpu")
     streams = StreamCache()
     none, dyn = (run_cell(c, lm, streams, progress=False) for c in expand(cfg, "cpu"))
-    assert dyn["stream"]["fingerprint"] == none["stream"]["fingerprint"]
-    assert dyn["metrics"]["token_ppl"] <= 0.75 * none["metrics"]["token_ppl"]
+    assert dyn.stream["fingerprint"] == none.stream["fingerprint"]
+    assert dyn.metrics["token_ppl"] <= 0.75 * none.metrics["token_ppl"]
 
 
 def test_the_default_step_size_follows_the_variant():
     """rms steps are per unit of normalised gradient: its default is far below sgd's (1e-3 diverges)."""
-    from tta_bench.method import method_class
+    from tta_bench.api.method import method_class
 
     for name, key, variant in (("dynamic-eval", "lr", "variant"), ("fwl-dynamic-eval", "dyn_lr", "dyn_variant")):
         cls = method_class(name)

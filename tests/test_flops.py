@@ -1,9 +1,10 @@
 """FLOP counting (SPEC 5) against closed forms."""
+
 import pytest
 import torch
 
-from tta_bench.flops import Ledger, dispatch_flops, fvcore_count
-from tta_bench.models import TINY_CONFIG
+from tta_bench.protocol.flops import Ledger, dispatch_flops, fvcore_count
+from tta_bench.protocol.models import TINY_CONFIG
 
 
 def tiny_closed_form(L: int, vocab: int) -> int:

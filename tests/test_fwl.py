@@ -1,5 +1,6 @@
 """Fast Weight Layers: the exact identity with one explicit SGD step, chunking and streaming,
 second-order meta-gradients, meta-learning on a synthetic recall task, checkpoints, and the method."""
+
 from __future__ import annotations
 
 import copy
@@ -12,6 +13,10 @@ import torch.nn.functional as F
 
 from tta_bench_methods.fwl.block import FAST, FWBlock, FWLConfig, FWStream, commit_pass, score_pass
 from tta_bench_methods.fwl.train import TrainConfig, load_checkpoint, save_checkpoint
+from tta_bench.api.task import Document
+from tta_bench.protocol.stream import tokenize
+from tta_bench.protocol.evaluate import Protocol, evaluate, segments
+from tta_bench.protocol.flops import Ledger
 
 D, M, V, T = 6, 5, 11, 13
 
@@ -42,11 +47,23 @@ def slow_forward(params, x, base, eps):
     return out if base is None else out + base
 
 
+def block_params(block) -> dict:
+    """The slow block's parameters by the names the explicit references use."""
+    return {
+        "w1": block.dense1.weight,
+        "b1": block.dense1.bias,
+        "w2": block.dense2.weight,
+        "b2": block.dense2.bias,
+        "alpha": block.ln_alpha,
+        "beta": block.ln_beta,
+        "U": block.unembed.weight,
+    }
+
+
 def explicit_sgd_logits(block, x, y, base, create_graph=False):
     """Position i's logits from the slow block after one SGD step (step sizes as learning rates) on
     c * sum_{j<i} CE_j, by autograd; x (T, d), y (T,), base (T, V) or None."""
-    params = {"w1": block.dense1.weight, "b1": block.dense1.bias, "w2": block.dense2.weight, "b2": block.dense2.bias,
-              "alpha": block.ln_alpha, "beta": block.ln_beta, "U": block.unembed.weight}
+    params = block_params(block)
     fast = [k for k in params if k != "U"]
     c, out = block.cfg.norm, []
     for i in range(len(x)):
@@ -57,7 +74,7 @@ def explicit_sgd_logits(block, x, y, base, create_graph=False):
             loss = c * F.cross_entropy(logits, y[:i], reduction="sum")
             grads = torch.autograd.grad(loss, [params[k] for k in fast], create_graph=create_graph)
             stepped = {**params, **{k: params[k] - block.eta[k] * g for k, g in zip(fast, grads)}}
-        out.append(slow_forward(stepped, x[i:i + 1], None if base is None else base[i:i + 1], block.cfg.eps)[0])
+        out.append(slow_forward(stepped, x[i : i + 1], None if base is None else base[i : i + 1], block.cfg.eps)[0])
     return torch.stack(out)
 
 
@@ -82,9 +99,12 @@ def test_fast_logits_equal_explicit_sgd_step(with_base, chunk):
     got, _ = block(x[None], y[None], None if base is None else base[None], chunk=chunk)
     assert rel_err(got[0], want) < 1e-5
     # the step changes the logits far beyond the tolerance, so the identity is not trivially met
-    slow = slow_forward({"w1": block.dense1.weight, "b1": block.dense1.bias, "w2": block.dense2.weight,
-                         "b2": block.dense2.bias, "alpha": block.ln_alpha, "beta": block.ln_beta,
-                         "U": block.unembed.weight}, x, base, block.cfg.eps)
+    slow = slow_forward(
+        block_params(block),
+        x,
+        base,
+        block.cfg.eps,
+    )
     assert rel_err(slow[1:], want[1:]) > 1e-2
     assert torch.allclose(got[0, 0], slow[0], rtol=0, atol=1e-12)  # position 0 has no earlier token
 
@@ -99,8 +119,7 @@ def test_chunking_and_state_agree():
         for a, b in zip(s_many, s_one):
             assert rel_err(a, b) < 1e-12
     # the carried state is the summed per-position gradient of every fast parameter: check it by autograd
-    params = {"w1": block.dense1.weight, "b1": block.dense1.bias, "w2": block.dense2.weight,
-              "b2": block.dense2.bias, "alpha": block.ln_alpha, "beta": block.ln_beta, "U": block.unembed.weight}
+    params = block_params(block)
     loss = block.cfg.norm * F.cross_entropy(slow_forward(params, x, base, block.cfg.eps), y, reduction="sum")
     grads = torch.autograd.grad(loss, [params[k] for k in FAST])
     for k, g, s in zip(FAST, grads, s_one):
@@ -115,8 +134,8 @@ def test_streamed_state_equals_one_shot():
     stream = FWStream(block, chunk=3)
     outs = []
     for a, b in ((0, 5), (5, 6), (6, 13)):
-        outs.append(stream.segment_logits(x[None, a:b], base[None, a:b], y[None, a:b - 1]))
-        stream.commit(y[None, b - 1:b])
+        outs.append(stream.segment_logits(x[None, a:b], base[None, a:b], y[None, a : b - 1]))
+        stream.commit(y[None, b - 1 : b])
     assert rel_err(torch.cat(outs, 1), one) < 1e-12
     stream.reset()
     again = stream.segment_logits(x[None, :5], base[None, :5], y[None, :4])
@@ -171,10 +190,15 @@ def recall_batch(g, batch, keys=16, values=16, pairs=6):
     k = torch.stack([torch.randperm(keys, generator=g)[:pairs] for _ in range(batch)])
     v = torch.randint(keys, keys + values, (batch, pairs), generator=g)
     perm = torch.stack([torch.randperm(pairs, generator=g) for _ in range(batch)])
-    seq = torch.cat([torch.stack([k, v], -1).reshape(batch, -1),
-                     torch.stack([k.gather(1, perm), v.gather(1, perm)], -1).reshape(batch, -1)], 1)
+    seq = torch.cat(
+        [
+            torch.stack([k, v], -1).reshape(batch, -1),
+            torch.stack([k.gather(1, perm), v.gather(1, perm)], -1).reshape(batch, -1),
+        ],
+        1,
+    )
     query = torch.zeros(batch, 4 * pairs - 1, dtype=torch.bool)
-    query[:, 2 * pairs::2] = True  # inputs: the repeated keys; targets: their values
+    query[:, 2 * pairs :: 2] = True  # inputs: the repeated keys; targets: their values
     return seq[:, :-1], seq[:, 1:], query
 
 
@@ -216,15 +240,14 @@ def test_meta_learned_fwl_solves_recall_that_frozen_step_sizes_cannot():
 
 
 # -- the method on the tiny model ----------------------------------------------------------------------
-from tta_bench.data import Document, tokenize  # noqa: E402
-from tta_bench.evaluate import Protocol, evaluate, segments  # noqa: E402
-from tta_bench.flops import Ledger  # noqa: E402
-from tta_bench.method import method_class  # noqa: E402
-from tta_bench.prepared import PrepareData  # noqa: E402
-from tta_bench.registry import discover  # noqa: E402
+from tta_bench.api.method import method_class  # noqa: E402
+from tta_bench.prepare.prepared import PrepareData  # noqa: E402
+from tta_bench.api.registry import discover  # noqa: E402
 
-TEXT = ["Fast weights remember: the zebra ate the kiwi, and later the zebra ate the kiwi again. " * 2,
-        "A second, shorter document about kiwi and zebra.\n"]
+TEXT = [
+    "Fast weights remember: the zebra ate the kiwi, and later the zebra ate the kiwi again. " * 2,
+    "A second, shorter document about kiwi and zebra.\n",
+]
 PREP = ["Training text for the block; words repeat, words repeat, and the block learns to copy them. " * 4]
 
 
@@ -240,8 +263,13 @@ def make(lm, name="fwl", protocol=None, **values):
     assert not errs, errs
     lm.ledger = Ledger(lm.fingerprint)
     method = cls(lm, params, protocol=protocol)
-    data = PrepareData("train", lambda limit_tokens=None, limit_docs=None:
-                       tokenize([Document("p", t) for t in PREP], lm.tokenizer, "t", "train", limit_docs, limit_tokens), lm)
+    data = PrepareData(
+        "train",
+        lambda limit_tokens=None, limit_docs=None: tokenize(
+            [Document("p", t) for t in PREP], lm.tokenizer, "t", "train", limit_docs, limit_tokens
+        ),
+        lm,
+    )
     method.prepare(data)
     method._events = data.events  # what prepare found in the cache and what it built
     return method
@@ -266,7 +294,7 @@ def test_document_fast_state_equals_one_pass_over_each_document(tiny_lm):
         xs, ys = [], []
         for seg, targets, _ in segments(stream, protocol, tiny_lm.start_id):
             if seg.doc == d:
-                xs.append(tiny_lm.hidden(seg.ids)[0, -seg.n:])
+                xs.append(tiny_lm.hidden(seg.ids)[0, -seg.n :])
                 ys.append(targets)
         x, y = torch.cat(xs)[None], torch.cat(ys)[None]
         want = torch.log_softmax(block(x, y, tiny_lm.logits(x), chunk=5)[0][0], -1)
@@ -288,7 +316,7 @@ def test_window_fast_state_equals_explicit_sgd_step_on_the_window(tiny_lm):
         base = tiny_lm.logits(tiny_lm.hidden(seg.ids))[0].double()
         y = torch.cat([seg.ids[0, 1:], targets[-1:]])
         with torch.enable_grad():
-            want = explicit_sgd_logits(block, h, y, base)[-seg.n:]
+            want = explicit_sgd_logits(block, h, y, base)[-seg.n :]
         assert (seen[k][1].double() - torch.log_softmax(want, -1)).abs().max() < 1e-4
 
 
@@ -305,7 +333,7 @@ def test_document_fast_state_is_causal_and_resets(tiny_lm):
     a = torch.cat([lp for d, lp in base if d == 0])
     b = torch.cat([lp for d, lp in pert if d == 0])
     assert (a[:t] - b[:t]).abs().max() < 1e-5
-    assert (a[t + 1:] - b[t + 1:]).abs().max() > 1e-3
+    assert (a[t + 1 :] - b[t + 1 :]).abs().max() > 1e-3
     # reset=document: the second document is scored as if it were alone
     alone = run(method, stream_of(tiny_lm, TEXT[1:]), protocol)
     assert (torch.cat([lp for d, lp in pert if d == 1]) - torch.cat([lp for _, lp in alone])).abs().max() < 1e-5
@@ -339,10 +367,16 @@ def test_trained_block_is_cached_and_found_again(tiny_lm, tmp_path, monkeypatch)
 
 
 def test_checkpoint_of_another_model_is_refused(tiny_lm, tmp_path):
-    from tta_bench.errors import TTABenchError
+    from tta_bench.api.errors import TTABenchError
 
     block = FWBlock(FWLConfig(tiny_lm.hidden_size, 4, tiny_lm.vocab_size, 0.1))
-    save_checkpoint(tmp_path / "b.safetensors", block, {}, {"model": "someothermodel", "model_name": "other"}, np.zeros(0, np.uint64))
+    save_checkpoint(
+        tmp_path / "b.safetensors",
+        block,
+        {},
+        {"model": "someothermodel", "model_name": "other"},
+        np.zeros(0, np.uint64),
+    )
     with pytest.raises(TTABenchError, match="trained on model other"):
         make(tiny_lm, checkpoint=str(tmp_path / "b.safetensors"))
     (tmp_path / "c.safetensors").write_bytes(b"not a checkpoint")
@@ -363,7 +397,9 @@ def test_fvcore_breakdown_matches_closed_form():
     block = FWBlock(FWLConfig(d, m, v, 0.1))
     x, base = torch.randn(1, n, d), torch.randn(1, n, v)
     state = block.zero_state(1, x)
-    analysis = FlopCountAnalysis(score_pass(block, chunk, True), (x, base, torch.zeros(1, n - 1, dtype=torch.long), *state))
+    analysis = FlopCountAnalysis(
+        score_pass(block, chunk, True), (x, base, torch.zeros(1, n - 1, dtype=torch.long), *state)
+    )
     analysis.unsupported_ops_warnings(False)
     analysis.tracer_warnings("none")
     by = analysis.by_module()
@@ -372,7 +408,9 @@ def test_fvcore_breakdown_matches_closed_form():
     assert by["block.op_dense"] == n * (2 * (d * 4 * m + 4 * m * m) + 4 * m * m)
     assert by["block.op_state"] == n * (4 * m * d + m * 4 * m)
     assert by["block.op_attn"] == sum(c * c * (d + 4 * m) + c * c * (4 * m + m) for c in sizes)
-    assert analysis.total() == sum(by[k] for k in ("block.op_vocab", "block.op_dense", "block.op_state", "block.op_attn"))
+    assert analysis.total() == sum(
+        by[k] for k in ("block.op_vocab", "block.op_dense", "block.op_state", "block.op_attn")
+    )
     commit = FlopCountAnalysis(commit_pass(block), (x[:, :1], base[:, :1], torch.zeros(1, 1, dtype=torch.long), *state))
     commit.unsupported_ops_warnings(False)
     assert commit.by_module()["block.op_vocab"] == v * m  # the last position's inner gradient
@@ -403,16 +441,18 @@ def test_fwl_dynamic_eval_equals_naive_sgd_loop(tiny_lm):
             h = tiny_lm.hidden(seg.ids)
             base = tiny_lm.logits(h)
         y = torch.cat([seg.ids[:, 1:], torch.full((1, 1), -1)], 1)
-        logprobs = torch.log_softmax(block(h, y, base)[0][0, -seg.n:], -1)
+        logprobs = torch.log_softmax(block(h, y, base)[0][0, -seg.n :], -1)
         assert (logprobs.detach() - seen[k][1]).abs().max() < 1e-5
         opt.zero_grad()
         F.nll_loss(logprobs, targets).backward()
         opt.step()
-    assert (seen[2][1] - run(make(tiny_lm, protocol=protocol, fast_state="window"), stream, protocol)[2][1]).abs().max() > 1e-4
+    assert (
+        seen[2][1] - run(make(tiny_lm, protocol=protocol, fast_state="window"), stream, protocol)[2][1]
+    ).abs().max() > 1e-4
 
 
 def test_fwl_dynamic_eval_over_all_weights_gives_the_model_back():
-    from tta_bench.models import load_model
+    from tta_bench.protocol.models import load_model
 
     lm = load_model("tiny", device="cpu")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
@@ -429,7 +469,7 @@ def test_fwl_dynamic_eval_over_all_weights_gives_the_model_back():
 
 @torch.no_grad()
 def test_top_blocks_are_fine_tuned_in_a_private_copy():
-    from tta_bench.models import load_model
+    from tta_bench.protocol.models import load_model
 
     lm = load_model("tiny", device="cpu")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
@@ -443,10 +483,10 @@ def test_top_blocks_are_fine_tuned_in_a_private_copy():
     stream = stream_of(lm, TEXT[:1])
     seen = run(method, stream, protocol)
     seg, targets, _ = next(segments(stream, protocol, lm.start_id))
-    x = method.model.base_model(input_ids=seg.ids).last_hidden_state[:, -seg.n:]
+    x = method.model.base_model(input_ids=seg.ids).last_hidden_state[:, -seg.n :]
     want = torch.log_softmax(method.block(x, targets[None], lm.logits(x))[0][0], -1)
     assert (seen[0][1] - want).abs().max() < 1e-4
-    x0 = lm.hidden(seg.ids)[:, -seg.n:]
+    x0 = lm.hidden(seg.ids)[:, -seg.n :]
     assert (seen[0][1] - torch.log_softmax(method.block(x0, targets[None], lm.logits(x0))[0][0], -1)).abs().max() > 1e-4
 
 
@@ -514,10 +554,21 @@ def test_training_reads_documents_in_order_with_the_state_carried(tiny_lm):
     import tta_bench_methods.fwl.train as fwl
 
     torch.manual_seed(0)
-    tc = TrainConfig(size=4, train_tokens=200, val_tokens=40, train_window=16, train_seq_len=8, u_scale=3.0,
-                     train_fast_state="document")
-    stream = tokenize([Document(f"d{i}", t) for i, t in enumerate(["first document text here", "second one, longer than the first"])],
-                      tiny_lm.tokenizer, "t", "train")
+    tc = TrainConfig(
+        size=4,
+        train_tokens=200,
+        val_tokens=40,
+        train_window=16,
+        train_seq_len=8,
+        u_scale=3.0,
+        train_fast_state="document",
+    )
+    stream = tokenize(
+        [Document(f"d{i}", t) for i, t in enumerate(["first document text here", "second one, longer than the first"])],
+        tiny_lm.tokenizer,
+        "t",
+        "train",
+    )
     train, val = fwl._pieces(tiny_lm, tc, stream, PrepareData("train", None, tiny_lm))
     order = fwl._in_order(train, "document", torch.Generator().manual_seed(1))
     assert sorted(id(p) for p, _, _ in order) == sorted(id(p) for p in train)

@@ -1,11 +1,12 @@
 """Decayed, multi-timescale fast weights (methods/fwl/decayed.py) against their explicit definition:
 theta_i = theta - sum_s eta_{theta,s} sum_{j<i} gamma_s^(i-1-j) dL_j/dtheta, every gradient at the slow weights.
 `explicit_logits` also serves the chunk-recurrent tests (gradients at the weights each chunk starts with)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_fwl import FAST, T, data, random_block, rel_err, slow_forward
+from tests.test_fwl import FAST, T, block_params, data, random_block, rel_err, slow_forward
 from tta_bench_methods.fwl.block import FWStream
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,8 +21,7 @@ def explicit_logits(block, x, y, base, bounds=None):
     """Logits by autograd, one position at a time. Position i's weights are
     theta - sum_s eta_s sum_{j<i} gamma_s^(i-1-j) g_j (without timescales: one, gamma 1), g_j the gradient of
     c * CE_j at the weights its chunk [a, b) of `bounds` starts with (None: one chunk, the slow weights)."""
-    params = {"w1": block.dense1.weight, "b1": block.dense1.bias, "w2": block.dense2.weight, "b2": block.dense2.bias,
-              "alpha": block.ln_alpha, "beta": block.ln_beta, "U": block.unembed.weight}
+    params = block_params(block)
     gammas = block.gammas() if block.cfg.timescales else torch.ones(1, dtype=x.dtype)
     etas = {k: block.eta[k].reshape(-1) for k in FAST}
     grads, out = [], []
@@ -37,9 +37,11 @@ def explicit_logits(block, x, y, base, bounds=None):
     for a, b in bounds or [(0, len(x))]:
         theta_k = weights_at(a)
         for j in range(a, b):
-            loss = block.cfg.norm * F.cross_entropy(slow_forward(theta_k, x[j:j + 1], base[j:j + 1], block.cfg.eps), y[j:j + 1], reduction="sum")
+            loss = block.cfg.norm * F.cross_entropy(
+                slow_forward(theta_k, x[j : j + 1], base[j : j + 1], block.cfg.eps), y[j : j + 1], reduction="sum"
+            )
             grads.append(torch.autograd.grad(loss, [theta_k[k] for k in FAST], retain_graph=True))
-        out += [slow_forward(weights_at(i), x[i:i + 1], base[i:i + 1], block.cfg.eps)[0] for i in range(a, b)]
+        out += [slow_forward(weights_at(i), x[i : i + 1], base[i : i + 1], block.cfg.eps)[0] for i in range(a, b)]
     return torch.stack(out)
 
 
@@ -61,8 +63,8 @@ def test_decayed_state_streamed_across_segments_equals_one_pass():
     stream, parts = FWStream(block, chunk=3), []
     for a, b in [(0, 5), (5, 6), (6, T)]:  # segments of 5, 1 and the rest: the state and its decay carried
         with torch.no_grad():
-            parts.append(stream.segment_logits(x[None, a:b], base[None, a:b], y[None, a:b - 1]))
-            stream.commit(y[None, b - 1:b])
+            parts.append(stream.segment_logits(x[None, a:b], base[None, a:b], y[None, a : b - 1]))
+            stream.commit(y[None, b - 1 : b])
     assert rel_err(torch.cat(parts, 1)[0], whole[0].detach()) < 1e-10
 
 
@@ -81,7 +83,7 @@ def test_the_decayed_method_sees_its_fast_path(tiny_lm):
     """On the tiny model, carried through documents: the decayed block's scores differ from its
     step-size-0 control's far beyond the tests' tolerance, and the control stays its slow pass."""
     from tests.test_fwl import TEXT, make, run, stream_of
-    from tta_bench.evaluate import Protocol
+    from tta_bench.protocol.evaluate import Protocol
 
     protocol = Protocol(16, 1, "document")
     decayed = make(tiny_lm, protocol=protocol, fast_state="document", timescales=[8.0, 64.0], train_steps=6)

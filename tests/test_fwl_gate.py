@@ -3,13 +3,13 @@ document's earlier tokens. Checked against independent computations from the two
 with gate_share 0 the closed form of a two-model Bayesian mixture (a document's total NLL is
 -log(1/2 exp(-A) + 1/2 exp(-B)), A and B the block's and the base model's totals); with a share, a plain
 token-by-token loop over probabilities."""
+
 import math
 
 import pytest
-import torch
 
 from tests.test_fwl import TEXT, make, stream_of
-from tta_bench.evaluate import Protocol, evaluate
+from tta_bench.protocol.evaluate import Protocol, evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,14 +69,18 @@ def test_shared_gate_equals_a_token_by_token_mixture(scored):
 
 
 def test_gate_is_shared_with_the_control_and_makes_the_control_adaptive():
-    from tta_bench.method import method_class
-    from tta_bench.registry import discover
+    from tta_bench.api.method import method_class
+    from tta_bench.api.registry import discover
 
     discover()
     fwl, static = method_class("fwl"), method_class("fwl-static")
     params, _ = fwl.make_params({"gate": "bayes", "gate_share": 0.01})
     control = fwl.control(params)
-    assert control["method"] == "fwl-static" and control["params"]["gate"] == "bayes" and control["params"]["gate_share"] == 0.01
+    assert (
+        control["method"] == "fwl-static"
+        and control["params"]["gate"] == "bayes"
+        and control["params"]["gate_share"] == 0.01
+    )
     gated_static, _ = static.make_params(control["params"])
     assert static.adapts_at_test_time(gated_static) and static.control(gated_static) is None
     plain, _ = static.make_params({})

@@ -1,6 +1,7 @@
 """Chunk-recurrent fast weights (block.py, `recurrent`) against their explicit definition: chunk by chunk,
 every gradient of chunk k taken at the fast weights theta_k the earlier chunks left, and inside a chunk
 one SGD step on the chunk's earlier positions; decayed timescales (decayed.py) combined with it."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,8 @@ def test_recurrent_state_streamed_across_segments_equals_explicit(timescales):
     stream, parts = FWStream(block, chunk=3), []
     for a, b in [(0, 5), (5, 6), (6, T)]:
         with torch.no_grad():
-            parts.append(stream.segment_logits(x[None, a:b], base[None, a:b], y[None, a:b - 1]))
-            stream.commit(y[None, b - 1:b])
+            parts.append(stream.segment_logits(x[None, a:b], base[None, a:b], y[None, a : b - 1]))
+            stream.commit(y[None, b - 1 : b])
     assert rel_err(torch.cat(parts, 1)[0], want.detach()) < 1e-5
 
 
@@ -75,7 +76,7 @@ def test_the_recurrent_method_sees_its_fast_path(tiny_lm):
     """On the tiny model, carried through documents: the recurrent block's scores differ from its
     step-size-0 control's far beyond the tests' tolerance."""
     from tests.test_fwl import TEXT, make, run, stream_of
-    from tta_bench.evaluate import Protocol
+    from tta_bench.protocol.evaluate import Protocol
 
     protocol = Protocol(16, 1, "document")
     fast = make(tiny_lm, protocol=protocol, fast_state="document", recurrent=True, chunk=8, train_steps=6)

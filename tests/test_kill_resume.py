@@ -1,5 +1,6 @@
 """`kill -9` at 10 random moments of a multi-cell run, then a resume: no unreadable file at any
 point, and every cell equal to an uninterrupted run's (SPEC 7: atomic writes, resume)."""
+
 from __future__ import annotations
 
 import json
@@ -11,12 +12,18 @@ import sys
 import time
 
 from tests.conftest import REPO, write_bench
-from tta_bench.results import read_cell
+from tta_bench.results.records import read_cell
 
 
 def _start(bench, env):
-    return subprocess.Popen([sys.executable, "-m", "tta_bench", "run", str(bench), "--no-progress"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tta_bench", "run", str(bench), "--no-progress"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _until_cells_start(proc) -> list[str]:

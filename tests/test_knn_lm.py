@@ -1,16 +1,18 @@
 """kNN-LM (and kNN-LM + cache) against brute-force references written independently: keys read from
 another module, every datastore key's distance in float64, an explicit softmax and mixture."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from tta_bench.data import Document, tokenize
-from tta_bench.errors import TTABenchError
-from tta_bench.evaluate import Protocol, evaluate, segments
-from tta_bench.method import method_class
-from tta_bench.prepared import PrepareData
+from tta_bench.api.task import Document
+from tta_bench.protocol.stream import tokenize
+from tta_bench.api.errors import TTABenchError
+from tta_bench.protocol.evaluate import Protocol, evaluate, segments
+from tta_bench.api.method import method_class
+from tta_bench.prepare.prepared import PrepareData
 from tests.conftest import SAMPLE
 from tests.test_cache import CacheReference
 
@@ -93,15 +95,20 @@ class KnnReference:
             self.on_keys, self.on_vals = torch.cat([self.on_keys, self._q]), torch.cat([self.on_vals, targets])
 
 
-@pytest.mark.parametrize("key,reset,online,k,temperature", [
-    ("ffn_input", "document", False, 8, 1.0),
-    ("hidden", "never", True, 5, 3.0),
-    ("ffn_input", "document", True, 10_000, 1.0),  # k beyond the datastore: every key is a neighbour
-])
+@pytest.mark.parametrize(
+    "key,reset,online,k,temperature",
+    [
+        ("ffn_input", "document", False, 8, 1.0),
+        ("hidden", "never", True, 5, 3.0),
+        ("ffn_input", "document", True, 10_000, 1.0),  # k beyond the datastore: every key is a neighbour
+    ],
+)
 def test_knn_equals_bruteforce(tiny_lm, key, reset, online, k, temperature):
     lm, protocol = tiny_lm, Protocol(16, 8, reset)
     test, train = _stream(lm, SAMPLE[:3], "test"), _stream(lm, TRAIN, "train")
-    m = _method(lm, "knn-lm", protocol, train, key=key, online=online, k=k, temperature=temperature, lam=0.3, index="exact")
+    m = _method(
+        lm, "knn-lm", protocol, train, key=key, online=online, k=k, temperature=temperature, lam=0.3, index="exact"
+    )
     ref = KnnReference(lm, train, protocol, key, k, 0.3, temperature, online)
     assert m.knn.info["n_keys"] == train.n_tokens == len(ref.vals)
     worst = 0.0
@@ -158,7 +165,9 @@ def test_ivfpq_full_probe_with_reranking_is_exact(tmp_path):
     assert (ids == want).all()
     np.testing.assert_allclose(dist, np.take_along_axis(d_true, want, 1), rtol=1e-4)
     # the trained index is taken from the cache the second time
-    assert (KnnIndex(keys, "ivfpq", nlist=8, code_size=8, nprobe=8, rerank=8, cached=cached).search(q, 10)[1] == ids).all()
+    assert (
+        KnnIndex(keys, "ivfpq", nlist=8, code_size=8, nprobe=8, rerank=8, cached=cached).search(q, 10)[1] == ids
+    ).all()
     assert len(built) == 1
     # without re-ranking, PQ distances are approximate: not the exact ones
     pq_dist, _ = KnnIndex(keys, "ivfpq", nlist=8, code_size=8, nprobe=8, rerank=0).search(q, 10)
@@ -179,15 +188,19 @@ def test_datastore_comes_from_the_shared_pass_and_is_reused(tiny_lm, monkeypatch
     data = PrepareData("train", lambda **k: train, lm)
     keys, values = datastore(data, train, protocol, "ffn_input")
     assert values.tolist() == [t for d in train.docs for t in d.ids]
-    want = torch.cat([ref_forward(lm, seg.ids, seg.n, "ffn_input")[2] for seg, _, _ in segments(train, protocol, lm.start_id)])
+    want = torch.cat(
+        [ref_forward(lm, seg.ids, seg.n, "ffn_input")[2] for seg, _, _ in segments(train, protocol, lm.start_id)]
+    )
     assert torch.allclose(torch.from_numpy(keys).double(), want, atol=1e-5)
     calls = []
     monkeypatch.setattr(lm, "hidden", lambda *a, **k: calls.append(1))
     m2 = _method(lm, "knn-lm", protocol, train, k=4, lam=0.5)
     assert [e["hit"] for e in m2._events] == [True] and not calls
     monkeypatch.undo()
-    folders = {_method(lm, "knn-lm", p, train, k=4, key=key)._events[0]["folder"]
-               for p, key in ((protocol, "hidden"), (Protocol(8, 8, "document"), "ffn_input"))}
+    folders = {
+        _method(lm, "knn-lm", p, train, k=4, key=key)._events[0]["folder"]
+        for p, key in ((protocol, "hidden"), (Protocol(8, 8, "document"), "ffn_input"))
+    }
     assert len(folders | {m._events[0]["folder"]}) == 2  # the key is a column of one pass; the protocol is not
 
 
@@ -219,9 +232,15 @@ def test_finds_last_feed_forward_or_fails_clearly(tiny_lm):
         KeyReader(plain, "ffn_input")
 
 
-@pytest.mark.parametrize("params,message", [
-    ({"lam": 1.0}, "lam"), ({"k": 0}, "k must"), ({"temperature": 0.0}, "temperature"), ({"rerank": -1}, "rerank"),
-])
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"lam": 1.0}, "lam"),
+        ({"k": 0}, "k must"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"rerank": -1}, "rerank"),
+    ],
+)
 def test_bad_params_are_refused(params, message):
     _, errs = method_class("knn-lm").make_params(params)
     assert errs and message in errs[0]
@@ -237,7 +256,7 @@ def test_code_size_must_divide_key_dimension(tiny_lm):
 def test_smollm2_key_is_last_feed_forward_input():
     """On the real model the hook finds model.layers[-1].mlp, and its input is the last block's
     post-attention norm output (read here by another hook)."""
-    from tta_bench.models import load_model
+    from tta_bench.protocol.models import load_model
     from tta_bench_methods.retrieval.knn import KeyReader
 
     lm = load_model("smollm2-135m", device="cpu")

@@ -1,4 +1,5 @@
 """Leaderboards (SPEC 7): every number recomputed independently from the cell files."""
+
 import json
 import math
 import shutil
@@ -8,10 +9,10 @@ import pandas as pd
 import pytest
 
 from tests.conftest import write_bench
-from tta_bench.errors import TTABenchError
-from tta_bench.leaderboard import write_leaderboard
-from tta_bench.render import pareto_front
-from tta_bench.runner import run
+from tta_bench.api.errors import TTABenchError
+from tta_bench.results.leaderboard import write_leaderboard
+from tta_bench.results.render import pareto_front
+from tta_bench.run.runner import run
 
 PLUGIN = textwrap.dedent('''
     import math
@@ -20,12 +21,16 @@ PLUGIN = textwrap.dedent('''
     import torch
 
     from tta_bench import register_method
-    from tta_bench.method import Method
+    from tta_bench.api.method import Method
 
 
     @register_method("lb-uniform")
     class Uniform(Method):
         """Uniform over the vocabulary."""
+
+        @classmethod
+        def adapts_at_test_time(cls, params):
+            return False
 
         def score(self, seg):
             return torch.full((seg.n, self.lm.vocab_size), -math.log(self.lm.vocab_size))
@@ -38,6 +43,10 @@ PLUGIN = textwrap.dedent('''
         @dataclass
         class Params:
             t: float = 2.0
+
+        @classmethod
+        def adapts_at_test_time(cls, params):
+            return True  # stands in for a method that adapts: it reports adaptation flops
 
         @torch.no_grad()
         def score(self, seg):
@@ -53,8 +62,13 @@ def results(tmp_path, corpus):
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "lb.py").write_text(PLUGIN)
-    bench = write_bench(tmp_path, corpus, plugins=[str(plugins)], seeds=[0, 1],
-                        methods=["none", "lb-uniform", {"name": "lb-temperature", "t": 2.0}])
+    bench = write_bench(
+        tmp_path,
+        corpus,
+        plugins=[str(plugins)],
+        seeds=[0, 1],
+        methods=["none", "lb-uniform", {"name": "lb-temperature", "t": 2.0}],
+    )
     return run(str(bench), log=lambda *a: None), bench
 
 
@@ -70,9 +84,16 @@ def _independent(cells: list[dict]) -> dict[str, dict]:
         spt = [1 / c["costs"]["tokens_per_second"] for c in cs]
         n_docs, tokens = len(cs[0]["per_doc"]), sum(d["tokens"] for d in cs[0]["per_doc"])
         seed_mean_nll = sum(sum(c["per_doc"][i]["nll"] for c in cs) / len(cs) for i in range(n_docs))
-        out[label] = {"token_ppl": mean, "ppl_of_mean_nll": math.exp(seed_mean_nll / tokens), "std": math.sqrt(sum((p - mean) ** 2 for p in ppl) / (len(ppl) - 1)),
-                      "gflops": sum(flops) / len(flops), "bpb": sum(bpb) / len(bpb), "spt": sum(spt) / len(spt),
-                      "ci_low": sum(c["metrics"]["ci95"]["token_ppl"][0] for c in cs) / len(cs), "seeds": len(cs)}
+        out[label] = {
+            "token_ppl": mean,
+            "ppl_of_mean_nll": math.exp(seed_mean_nll / tokens),
+            "std": math.sqrt(sum((p - mean) ** 2 for p in ppl) / (len(ppl) - 1)),
+            "gflops": sum(flops) / len(flops),
+            "bpb": sum(bpb) / len(bpb),
+            "spt": sum(spt) / len(spt),
+            "ci_low": sum(c["metrics"]["ci95"]["token_ppl"][0] for c in cs) / len(cs),
+            "seeds": len(cs),
+        }
     return out
 
 

@@ -1,14 +1,16 @@
 """Metrics (SPEC 4) and tasks against closed forms and the data's documented counts."""
+
 import math
 
 import numpy as np
 import pytest
 
 from tests.conftest import SHARED_DATA
-from tta_bench.data import Document, count_words, tokenize
-from tta_bench.lm import ByteTokenizer
-from tta_bench.metrics import bootstrap_ci, paired_delta, summarize
-from tta_bench.registry import get
+from tta_bench.api.task import Document
+from tta_bench.protocol.stream import count_words, tokenize
+from tta_bench.protocol.lm import ByteTokenizer
+from tta_bench.protocol.metrics import bootstrap_ci, paired_delta, summarize
+from tta_bench.api.registry import get
 
 
 def test_summary_closed_form():
@@ -93,7 +95,9 @@ def test_paired_delta_is_a_naive_paired_bootstrap_and_cancels_document_difficult
         n = sum(tokens[i] for i in draw)
         deltas.append(math.exp(sum(better[i] for i in draw) / n) - math.exp(sum(ref[i] for i in draw) / n))
     assert got["delta_ppl"] == pytest.approx(point)
-    assert got["ci95"] == pytest.approx([min(np.percentile(deltas, 2.5), point), max(np.percentile(deltas, 97.5), point)])
+    assert got["ci95"] == pytest.approx(
+        [min(np.percentile(deltas, 2.5), point), max(np.percentile(deltas, 97.5), point)]
+    )
     assert got["excludes_zero"] and got["ci95"][1] < 0
     # unpaired, the two cells' intervals overlap: document difficulty swamps the difference
     a, b = (bootstrap_ci(x, tokens, tokens, tokens)["token_ppl"] for x in (better, ref))

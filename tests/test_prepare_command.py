@@ -1,4 +1,5 @@
 """`tta-bench prepare` runs each cell's preparation ahead of time; a later `run` only evaluates."""
+
 from __future__ import annotations
 
 import json
@@ -6,10 +7,19 @@ import json
 import pytest
 
 from tests.conftest import cli, write_bench
-from tta_bench import prepared, runner
+from tta_bench.prepare import prepared
+from tta_bench.run import runner
 
-QUICK_FWL = {"name": "fwl", "size": 8, "train_tokens": 600, "val_tokens": 100, "train_window": 32, "train_seq_len": 64,
-             "train_steps": 3, "eval_every": 0}
+QUICK_FWL = {
+    "name": "fwl",
+    "size": 8,
+    "train_tokens": 600,
+    "val_tokens": 100,
+    "train_window": 32,
+    "train_seq_len": 64,
+    "train_steps": 3,
+    "eval_every": 0,
+}
 QUICK_KNN = {"name": "knn-lm", "k": 16}
 
 
@@ -17,8 +27,12 @@ def test_prepare_then_run_trains_nothing_and_builds_no_datastore(tmp_path, corpu
     """fwl (windows of 32) and knn-lm under segment 32, context 1: one forward pass over the prepare
     split serves both; after `prepare`, `run` finds the block and the features and says so."""
     monkeypatch.setenv("TTA_BENCH_CACHE", str(tmp_path / "cache"))
-    bench = write_bench(tmp_path, corpus, protocol={"segment_len": 32, "context_len": 1, "reset": "document"},
-                        methods=["none", QUICK_FWL, QUICK_KNN])
+    bench = write_bench(
+        tmp_path,
+        corpus,
+        protocol={"segment_len": 32, "context_len": 1, "reset": "document"},
+        methods=["none", QUICK_FWL, QUICK_KNN],
+    )
     logs = []
     assert runner.prepare(str(bench), progress=False, log=logs.append) == 3
     text = "\n".join(logs)
@@ -27,7 +41,9 @@ def test_prepare_then_run_trains_nothing_and_builds_no_datastore(tmp_path, corpu
     import tta_bench_methods.fwl.method as fwl_method
 
     monkeypatch.setattr(fwl_method, "train_block", lambda *a, **k: pytest.fail("run trained the FWL block"))
-    monkeypatch.setattr(prepared, "compute", lambda *a, **k: pytest.fail("run ran the base model over the prepare split"))
+    monkeypatch.setattr(
+        prepared, "compute", lambda *a, **k: pytest.fail("run ran the base model over the prepare split")
+    )
     logs.clear()
     run_dir = runner.run(str(bench), progress=False, log=logs.append)
     text = "\n".join(logs)
@@ -44,7 +60,11 @@ def test_prepare_command_line(tmp_path, corpus):
     bench = write_bench(tmp_path, corpus, methods=["none", QUICK_KNN])
     res = cli("prepare", str(bench), "--no-progress", env={"TTA_BENCH_CACHE": str(tmp_path / "cache")})
     assert res.returncode == 0, res.stderr
-    assert "prepare knn-lm(k=16)" in res.stdout and "features computed for" in res.stdout and "nothing to prepare" in res.stdout
+    assert (
+        "prepare knn-lm(k=16)" in res.stdout
+        and "features computed for" in res.stdout
+        and "nothing to prepare" in res.stdout
+    )
     assert not (tmp_path / "results").exists()  # prepare writes no results
     again = cli("prepare", str(bench), "--no-progress", env={"TTA_BENCH_CACHE": str(tmp_path / "cache")})
     assert "features cached" in again.stdout

@@ -1,5 +1,6 @@
 """The harness's services to `prepare`: the shared feature pass over the prepare split and the one
 cache for prepared state, each against an independent computation."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,12 @@ import pytest
 import torch
 
 from tests.conftest import SAMPLE
-from tta_bench import prepared
-from tta_bench.data import Document, tokenize
-from tta_bench.errors import TTABenchError
-from tta_bench.evaluate import Protocol
-from tta_bench.prepared import PrepareData
+from tta_bench.prepare import prepared
+from tta_bench.api.task import Document
+from tta_bench.protocol.stream import tokenize
+from tta_bench.api.errors import TTABenchError
+from tta_bench.protocol.evaluate import Protocol
+from tta_bench.prepare.prepared import PrepareData
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = [t * 3 for t in SAMPLE] + ["tiny", "x" * 70]
@@ -24,7 +26,9 @@ def lm(tiny_lm):
 
 
 def _stream(lm, texts=TEXTS, limit=None):
-    return tokenize([Document(f"d{i}", t) for i, t in enumerate(texts)], lm.tokenizer, "text", "train", limit_tokens=limit)
+    return tokenize(
+        [Document(f"d{i}", t) for i, t in enumerate(texts)], lm.tokenizer, "text", "train", limit_tokens=limit
+    )
 
 
 def _data(lm, stream, tmp_path):
@@ -50,17 +54,24 @@ def _naive(lm, stream, protocol, tail):
                 lo = a - 1 if (tail == "short" and b - a < S) else max(0, b - 1 - W)
                 seen.clear()
                 with torch.no_grad():
-                    h = lm.model.model(input_ids=torch.tensor([x[lo:b - 1]])).last_hidden_state
-                rows["hidden"].append(h[0, -(b - a):])
-                rows["ffn_input"].append(seen[0][0, -(b - a):])
+                    h = lm.model.model(input_ids=torch.tensor([x[lo : b - 1]])).last_hidden_state
+                rows["hidden"].append(h[0, -(b - a) :])
+                rows["ffn_input"].append(seen[0][0, -(b - a) :])
             out.append({k: torch.cat(v) for k, v in rows.items()})
     finally:
         handle.remove()
     return out
 
 
-@pytest.mark.parametrize("protocol,tail", [(Protocol(16, 1, "document"), "short"), (Protocol(16, 1, "document"), "protocol"),
-                                           (Protocol(16, 8, "document"), "protocol"), (Protocol(8, 4, "never"), "protocol")])
+@pytest.mark.parametrize(
+    "protocol,tail",
+    [
+        (Protocol(16, 1, "document"), "short"),
+        (Protocol(16, 1, "document"), "protocol"),
+        (Protocol(16, 8, "document"), "protocol"),
+        (Protocol(8, 4, "never"), "protocol"),
+    ],
+)
 @pytest.mark.parametrize("limit", [None, 300])
 def test_features_equal_a_naive_loop(lm, tmp_path, protocol, tail, limit):
     stream = _stream(lm, limit=limit)
@@ -83,9 +94,9 @@ def test_short_and_protocol_tails_differ_where_they_should(lm, tmp_path):
     full = data.features(stream, Protocol(16, 1, "document"), "protocol")
     for s, f, doc in zip(short, full, stream.docs):
         n, tail = len(doc.ids), len(doc.ids) % 16
-        assert torch.equal(s["hidden"][:n - tail], f["hidden"][:n - tail])
+        assert torch.equal(s["hidden"][: n - tail], f["hidden"][: n - tail])
         if n > 16 and tail and len(set(doc.ids)) > 1:  # (in a run of one repeated byte, context changes nothing)
-            assert (s["hidden"][n - tail:] - f["hidden"][n - tail:]).abs().max() > 1e-3
+            assert (s["hidden"][n - tail :] - f["hidden"][n - tail :]).abs().max() > 1e-3
 
 
 def test_one_pass_serves_every_request_and_extends(lm, tmp_path, monkeypatch):

@@ -1,12 +1,14 @@
 """The evaluation protocol (SPEC 2) against independent computations."""
+
 import math
 
 import pytest
 import torch
 
-from tta_bench.data import Document, tokenize
-from tta_bench.evaluate import Protocol, evaluate, segments
-from tta_bench.method import method_class
+from tta_bench.api.task import Document
+from tta_bench.protocol.stream import tokenize
+from tta_bench.protocol.evaluate import Protocol, evaluate, segments
+from tta_bench.api.method import method_class
 from tests.conftest import SAMPLE
 
 
@@ -24,7 +26,7 @@ def rolling_windows(tokens, prefix, max_len):
     while done < len(tokens):
         n = min(len(tokens) - done, max_len)
         end = done + n
-        windows.append((tokens[end - max_len - 1: end - 1], tokens[done:end]))
+        windows.append((tokens[end - max_len - 1 : end - 1], tokens[done:end]))
         done = end
     return windows
 
@@ -33,7 +35,7 @@ def rolling_windows(tokens, prefix, max_len):
 def reference_nll(lm, tokens, max_len):
     total = 0.0
     for inp, tgt in rolling_windows(tokens, lm.start_id, max_len):
-        logits = lm.model(input_ids=torch.tensor([inp])).logits[0, -len(tgt):].double()
+        logits = lm.model(input_ids=torch.tensor([inp])).logits[0, -len(tgt) :].double()
         total -= torch.log_softmax(logits, -1).gather(1, torch.tensor(tgt)[:, None]).sum().item()
     return total
 
@@ -71,7 +73,7 @@ def test_segments_cover_each_token_once_with_the_window_before_it(tiny_lm, reset
             pos = doc_begin[seg.doc] + seg.start
         end = pos + seg.n  # one past the last target
         expected_len = min(ctx + seg_len - 1, end - 1)
-        assert ids == scope[end - 1 - expected_len: end - 1]
+        assert ids == scope[end - 1 - expected_len : end - 1]
         assert targets.tolist() == scope[pos:end]
     for d, doc in enumerate(stream.docs):
         assert seen[d] == doc.ids
@@ -91,13 +93,16 @@ def test_reset_policy_controls_context_and_method_resets(tiny_lm):
         assert len(calls) == n_resets
         assert all(math.isfinite(v) for v in res.doc_nll)
     # under `never` the second document sees the first one, so its score changes
-    doc_nll = {r: evaluate(Spy(tiny_lm, Spy.Params()), stream, Protocol(16, 64, r), progress=False).doc_nll for r in ("document", "never")}
+    doc_nll = {
+        r: evaluate(Spy(tiny_lm, Spy.Params()), stream, Protocol(16, 64, r), progress=False).doc_nll
+        for r in ("document", "never")
+    }
     assert doc_nll["document"][0] == pytest.approx(doc_nll["never"][0])
     assert doc_nll["document"][1] != pytest.approx(doc_nll["never"][1])
 
 
 def test_nonfinite_score_is_a_clear_error(tiny_lm):
-    from tta_bench.errors import TTABenchError
+    from tta_bench.api.errors import TTABenchError
 
     class Broken(method_class("none")):
         def score(self, seg):

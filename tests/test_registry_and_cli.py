@@ -1,14 +1,13 @@
 """Registry, bench-file validation and the command line's one-line errors."""
+
 import json
-import os
 import textwrap
 
 import pytest
-import yaml
 
 from tests.conftest import REPO, cli, write_bench
-from tta_bench.config import read_yaml, validate
-from tta_bench.errors import TTABenchError
+from tta_bench.run.config import read_yaml, validate
+from tta_bench.api.errors import TTABenchError
 
 UNIFORM_PLUGIN = textwrap.dedent('''
     """A plugin living outside the repository."""
@@ -18,7 +17,7 @@ UNIFORM_PLUGIN = textwrap.dedent('''
     import torch
 
     from tta_bench import register_method
-    from tta_bench.method import Method
+    from tta_bench.api.method import Method
 
 
     @register_method("uniform-test")
@@ -29,6 +28,10 @@ UNIFORM_PLUGIN = textwrap.dedent('''
         class Params:
             adapt_flops_per_token: float = 123.0
 
+        @classmethod
+        def adapts_at_test_time(cls, params):
+            return True  # stands in for a method that adapts: it reports adaptation flops
+
         def score(self, seg):
             return torch.full((seg.n, self.lm.vocab_size), -math.log(self.lm.vocab_size))
 
@@ -38,9 +41,11 @@ UNIFORM_PLUGIN = textwrap.dedent('''
 
 
 def test_listing_is_lazy_and_describes_everything():
-    code = ("import sys; from tta_bench.registry import describe; d = describe('method'); t = describe('task');"
-            "print(json_out := __import__('json').dumps({'methods': dict(d), 'tasks': dict(t),"
-            " 'torch': 'torch' in sys.modules, 'plugins': [m for m in sys.modules if m.startswith('tta_bench_')]}))")
+    code = (
+        "import sys; from tta_bench.api.registry import describe; d = describe('method'); t = describe('task');"
+        "print(json_out := __import__('json').dumps({'methods': dict(d), 'tasks': dict(t),"
+        " 'torch': 'torch' in sys.modules, 'plugins': [m for m in sys.modules if m.startswith('tta_bench_')]}))"
+    )
     import subprocess
     import sys
 
@@ -54,7 +59,7 @@ def test_listing_is_lazy_and_describes_everything():
 
 
 def test_unknown_names_suggest_the_closest_known_one():
-    from tta_bench.registry import get
+    from tta_bench.api.registry import get
 
     with pytest.raises(TTABenchError, match=r"did you mean 'none'\?.*known: .*none"):
         get("method", "nonee")
@@ -64,7 +69,7 @@ def test_unknown_names_suggest_the_closest_known_one():
 
 
 def test_plugin_from_a_folder_outside_the_repo_runs_end_to_end(tmp_path, corpus):
-    from tta_bench.runner import run
+    from tta_bench.run.runner import run
 
     plugins = tmp_path / "my_plugins"
     plugins.mkdir()
@@ -83,30 +88,43 @@ def test_plugin_from_a_folder_outside_the_repo_runs_end_to_end(tmp_path, corpus)
 
 
 def test_validate_reports_every_problem_with_its_path(tmp_path, corpus):
-    bench = write_bench(tmp_path, corpus, protocol={"segmnt_len": 4, "reset": "sometimes", "context_len": 0},
-                        methods=["nonee", {"name": "none", "lr": 1}], models=["tiny", "no-such-model"], dtype="float8")
+    bench = write_bench(
+        tmp_path,
+        corpus,
+        protocol={"segmnt_len": 4, "reset": "sometimes", "context_len": 0},
+        methods=["nonee", {"name": "none", "lr": 1}],
+        models=["tiny", "no-such-model"],
+        dtype="float8",
+    )
     _, problems = validate(read_yaml(str(bench)), str(bench))
     text = "\n".join(problems)
-    for expected in ("protocol.segmnt_len: unknown key; did you mean 'segment_len'",
-                     "protocol.reset: must be document or never",
-                     "protocol.context_len: must be an integer >= 1",
-                     "methods[0]: unknown method 'nonee'",
-                     "methods[1].lr: unknown parameter of method 'none'",
-                     "models[1]: unknown model 'no-such-model'",
-                     "dtype: must be one of"):
+    for expected in (
+        "protocol.segmnt_len: unknown key; did you mean 'segment_len'",
+        "protocol.reset: must be document or never",
+        "protocol.context_len: must be an integer >= 1",
+        "methods[0]: unknown method 'nonee'",
+        "methods[1].lr: unknown parameter of method 'none'",
+        "models[1]: unknown model 'no-such-model'",
+        "dtype: must be one of",
+    ):
         assert expected in text, text
     res = cli("validate", str(bench))
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == len(problems) + 1
 
 
 def test_grids_expand_to_cells(tmp_path, corpus):
-    from tta_bench.config import expand, load
+    from tta_bench.run.config import expand, load
 
     plugins = tmp_path / "p"
     plugins.mkdir()
     (plugins / "uniform.py").write_text(UNIFORM_PLUGIN, encoding="utf-8")
-    bench = write_bench(tmp_path, corpus, plugins=[str(plugins)], seeds=[0, 1],
-                        methods=["none", {"name": "uniform-test", "adapt_flops_per_token": ["1e-3", 2, 3.5]}])
+    bench = write_bench(
+        tmp_path,
+        corpus,
+        plugins=[str(plugins)],
+        seeds=[0, 1],
+        methods=["none", {"name": "uniform-test", "adapt_flops_per_token": ["1e-3", 2, 3.5]}],
+    )
     cfg = load(str(bench))
     cells = expand(cfg, "cpu")
     assert len(cells) == 2 * (1 + 3)
@@ -125,11 +143,23 @@ def _error_cases(tmp_path, corpus):
         "unknown task": (write_bench(tmp_path / "t", corpus, tasks=["wikitxt-2"]), "did you mean 'wikitext-2'"),
         "unknown model": (write_bench(tmp_path / "o", corpus, models=["tinyy"]), "did you mean 'tiny'"),
         "misspelt key": (write_bench(tmp_path / "k", corpus, protocl={"segment_len": 4}), "did you mean 'protocol'"),
-        "negative segment_len": (write_bench(tmp_path / "s", corpus, protocol={"segment_len": -4}), "segment_len: must be a positive integer"),
-        "missing data folder": (write_bench(tmp_path / "d", corpus, tasks=[{"name": "wikitext-2", "data_dir": str(tmp_path / "nowhere")}]), "data_dir"),
+        "negative segment_len": (
+            write_bench(tmp_path / "s", corpus, protocol={"segment_len": -4}),
+            "segment_len: must be a positive integer",
+        ),
+        "missing data folder": (
+            write_bench(tmp_path / "d", corpus, tasks=[{"name": "wikitext-2", "data_dir": str(tmp_path / "nowhere")}]),
+            "data_dir",
+        ),
         "unreadable yaml": (bad_yaml, "invalid YAML at line"),
-        "unwritable output": (write_bench(tmp_path / "w", corpus, output_dir=str(a_file / "results")), "choose another output_dir"),
-        "unwritable output (read-only fs)": (write_bench(tmp_path / "r", corpus, output_dir="/proc/tta_bench_results"), "choose another output_dir"),
+        "unwritable output": (
+            write_bench(tmp_path / "w", corpus, output_dir=str(a_file / "results")),
+            "choose another output_dir",
+        ),
+        "unwritable output (read-only fs)": (
+            write_bench(tmp_path / "r", corpus, output_dir="/proc/tta_bench_results"),
+            "choose another output_dir",
+        ),
     }
 
 

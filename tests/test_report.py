@@ -1,14 +1,15 @@
 """Per-token logs and the report (`tta-bench report`): every number recomputed from the raw logs with plain loops."""
+
 import json
 
 import numpy as np
 import pytest
 
 from tests.conftest import write_bench
-from tta_bench.errors import TTABenchError
-from tta_bench.report import buckets, write_report
-from tta_bench.runner import run
-from tta_bench.tokenlog import file_hash
+from tta_bench.api.errors import TTABenchError
+from tta_bench.results.report import buckets, write_report
+from tta_bench.run.runner import run
+from tta_bench.results.tokenlog import file_hash
 
 
 def _naive_bucket(name, rank, position, repeated):
@@ -16,11 +17,17 @@ def _naive_bucket(name, rank, position, repeated):
     if name == "all":
         return True
     if kind == "frequency":
-        return {"top 1k": 0 <= rank < 1000, "1k-10k": 1000 <= rank < 10000, "rarer": rank >= 10000, "unseen": rank < 0}[which]
+        return {"top 1k": 0 <= rank < 1000, "1k-10k": 1000 <= rank < 10000, "rarer": rank >= 10000, "unseen": rank < 0}[
+            which
+        ]
     if kind == "occurrence":
         return repeated if which == "repeated" else not repeated
-    return {"< 128": position < 128, "128-512": 128 <= position < 512, "512-2k": 512 <= position < 2048,
-            ">= 2k": position >= 2048}[which]
+    return {
+        "< 128": position < 128,
+        "128-512": 128 <= position < 512,
+        "512-2k": 512 <= position < 2048,
+        ">= 2k": position >= 2048,
+    }[which]
 
 
 def _naive_tokens(log):
@@ -53,13 +60,16 @@ def test_token_logs_add_up_and_the_report_matches_a_plain_loop(tmp_path, corpus)
         nll = -log["logprob"].astype(np.float64)
         assert nll.sum() == pytest.approx(rec["metrics"]["nll_sum"], rel=1e-6)
         for d, doc in enumerate(rec["per_doc"]):
-            assert nll[log["doc_offsets"][d]:log["doc_offsets"][d + 1]].sum() == pytest.approx(doc["nll"], rel=1e-6)
+            assert nll[log["doc_offsets"][d] : log["doc_offsets"][d + 1]].sum() == pytest.approx(doc["nll"], rel=1e-6)
         logs[rec["label"]] = log
     report = write_report(run_dir)
     data = json.loads((run_dir / "REPORT.json").read_text())
     text = report.read_text()
     comparisons = data["tables"][0]["comparisons"]
-    assert {(c["method"], c["against"]) for c in comparisons} == {("cache(window=64)", "none"), ("dynamic-eval(lr=0.05)", "none")}
+    assert {(c["method"], c["against"]) for c in comparisons} == {
+        ("cache(window=64)", "none"),
+        ("dynamic-eval(lr=0.05)", "none"),
+    }
     for comp in comparisons:
         log, ref = logs[comp["method"]], logs[comp["against"]]
         tokens = _naive_tokens(log)
@@ -94,8 +104,12 @@ def test_buckets_split_by_frequency_repetition_and_position():
     n = [3000, 700]
     targets = rng.integers(0, 50, sum(n)).astype(np.int32)
     ranks = np.array([-1, 5, 999, 1000, 9999, 10000, 40000])[rng.integers(0, 7, sum(n))].astype(np.int32)
-    log = {"targets": targets, "prep_rank": ranks, "doc_offsets": np.array([0, n[0], sum(n)]),
-           "logprob": np.zeros(sum(n), np.float32)}
+    log = {
+        "targets": targets,
+        "prep_rank": ranks,
+        "doc_offsets": np.array([0, n[0], sum(n)]),
+        "logprob": np.zeros(sum(n), np.float32),
+    }
     got = buckets(log)
     for i, (d, r, p, rep) in enumerate(_naive_tokens(log)):
         for name, mask in got.items():

@@ -1,6 +1,7 @@
 """Provenance names what picks the kernels, and the reproduction check (SPEC 7) says which case it is
 in: the same device class (1e-9 relative), other kernels (a measured tolerance), or published cells
 that record no class; a cell beyond its case's tolerance is named."""
+
 from __future__ import annotations
 
 import copy
@@ -13,12 +14,17 @@ import pytest
 import torch
 
 from tests.conftest import REPO, write_bench
-from tta_bench.kernels import (CROSS_CPU_TOLERANCE, CROSS_GPU_TOLERANCE, SAME_CLASS_TOLERANCE, class_key, device_line,
-                               kernel_info)
-from tta_bench.results import compare_published
+from tta_bench.results.kernels import (
+    CROSS_CPU_TOLERANCE,
+    CROSS_GPU_TOLERANCE,
+    SAME_CLASS_TOLERANCE,
+    class_key,
+    device_line,
+    kernel_info,
+)
+from tta_bench.results.records import compare_published
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def here() -> dict:
@@ -39,7 +45,7 @@ def test_provenance_names_what_picks_the_cpu_kernels():
 def test_forced_generic_kernels_are_another_class():
     """ATEN_CPU_CAPABILITY=default makes torch dispatch its generic kernels: the provenance sees it."""
     HERE = here()
-    code = "import torch, json; from tta_bench.kernels import kernel_info; print(json.dumps(kernel_info(torch.device('cpu'))))"
+    code = "import torch, json; from tta_bench.results.kernels import kernel_info; print(json.dumps(kernel_info(torch.device('cpu'))))"
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     forced = json.loads(out.stdout)
@@ -48,9 +54,19 @@ def test_forced_generic_kernels_are_another_class():
 
 
 def _cell(cell_id, nll_sum, kernels):
-    return {"schema": "tta-bench/cell/v2", "cell_id": cell_id, "label": cell_id, "status": "ok", "config": {"task": {}},
-            "resume_key": {}, "resolved": {}, "stream": {"task": "t"}, "costs": {}, "metrics": {"nll_sum": nll_sum},
-            "provenance": {"kernels": kernels} if kernels is not None else {}}
+    return {
+        "schema": "tta-bench/cell/v2",
+        "cell_id": cell_id,
+        "label": cell_id,
+        "status": "ok",
+        "config": {"task": {}},
+        "resume_key": {},
+        "resolved": {},
+        "stream": {"task": "t"},
+        "costs": {},
+        "metrics": {"nll_sum": nll_sum},
+        "provenance": {"kernels": kernels} if kernels is not None else {},
+    }
 
 
 def _write(folder, cells):
@@ -85,9 +101,13 @@ def test_other_kernels_use_the_measured_tolerance_and_say_what_differs(tmp_path)
     HERE = here()
     other = {**HERE, "isa": "AVX512" if HERE["isa"] != "AVX512" else "AVX2"}
     lines = _compare(tmp_path, other, {"none": 4e-6, "cache": -1e-6})
-    assert lines[0].startswith("reproduction: 2 of 2 within 4.0e-06") and f"tolerance {CROSS_CPU_TOLERANCE:g}" in lines[0]
+    assert (
+        lines[0].startswith("reproduction: 2 of 2 within 4.0e-06") and f"tolerance {CROSS_CPU_TOLERANCE:g}" in lines[0]
+    )
     assert f"other kernels ({other['isa']} there, {HERE['isa']} here)" in lines[0]
-    assert _compare(tmp_path / "far", other, {"cache": 3 * CROSS_CPU_TOLERANCE})[0].startswith("reproduction: 1 of 2 differ")
+    assert _compare(tmp_path / "far", other, {"cache": 3 * CROSS_CPU_TOLERANCE})[0].startswith(
+        "reproduction: 1 of 2 differ"
+    )
 
 
 def test_cells_that_record_no_class_are_compared_across_classes(tmp_path):
@@ -97,11 +117,23 @@ def test_cells_that_record_no_class_are_compared_across_classes(tmp_path):
 
 
 def test_a_gpu_against_a_cpu_uses_the_gpu_tolerance(tmp_path):
-    gpu = {"kind": "cuda", "gpu": "NVIDIA H200", "compute_capability": "9.0", "cuda": "12.6", "cudnn": 90100,
-           "tf32_matmul": False, "tf32_cudnn": True, "float32_matmul_precision": "highest",
-           "fp16_reduced_precision": True, "bf16_reduced_precision": True, "env": {}}
+    gpu = {
+        "kind": "cuda",
+        "gpu": "NVIDIA H200",
+        "compute_capability": "9.0",
+        "cuda": "12.6",
+        "cudnn": 90100,
+        "tf32_matmul": False,
+        "tf32_cudnn": True,
+        "float32_matmul_precision": "highest",
+        "fp16_reduced_precision": True,
+        "bf16_reduced_precision": True,
+        "env": {},
+    }
     lines = _compare(tmp_path, gpu, {"none": 2e-4})
-    assert lines[0].startswith("reproduction: 2 of 2 within 2.0e-04") and f"tolerance {CROSS_GPU_TOLERANCE:g}" in lines[0]
+    assert (
+        lines[0].startswith("reproduction: 2 of 2 within 2.0e-04") and f"tolerance {CROSS_GPU_TOLERANCE:g}" in lines[0]
+    )
     assert "GPU: NVIDIA H200 (sm 9.0, CUDA 12.6, no TF32) there" in lines[0]
 
 
@@ -110,7 +142,7 @@ def test_a_run_records_the_kernels_and_reports_the_case(tmp_path, corpus):
     same cells with their class edited are compared across classes; with an nll_sum edited, that cell
     is named."""
     HERE = here()
-    from tta_bench.runner import run
+    from tta_bench.run.runner import run
 
     bench = write_bench(tmp_path, corpus, methods=["none", "cache"])
     run_dir = run(str(bench), log=lambda s: None)
@@ -127,5 +159,7 @@ def test_a_run_records_the_kernels_and_reports_the_case(tmp_path, corpus):
     assert "2 of 2 within 0.0e+00" in published(lambda r: None)[0]
     other = published(lambda r: r["provenance"]["kernels"].update(isa="SOMETHING ELSE"))
     assert "other kernels (SOMETHING ELSE there" in other[0]
-    edited = published(lambda r: r["metrics"].update(nll_sum=r["metrics"]["nll_sum"] * (1 + 1e-6)) if r["label"] == "cache" else None)
+    edited = published(
+        lambda r: r["metrics"].update(nll_sum=r["metrics"]["nll_sum"] * (1 + 1e-6)) if r["label"] == "cache" else None
+    )
     assert edited[0].startswith("reproduction: 1 of 2 differ") and edited[1].strip().startswith("cache on ")

@@ -1,10 +1,11 @@
 """Cell records, resume and leaderboards (SPEC 7)."""
+
 import json
 
 import pytest
 
 from tests.conftest import write_bench
-from tta_bench import cellrun, runner
+from tta_bench.run import cellrun, runner
 
 
 def _run(bench, **kw):

@@ -1,6 +1,7 @@
 """Results you can trust (SPEC 2 and 7): split separation before any compute, a failing cell fails
 alone, metrics that never raise after compute, resume keyed by everything that determines a result,
 atomic writes with normal permissions, one run per folder, typed validation."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import SAMPLE, write_bench
-from tta_bench import cellrun, runner
+from tta_bench.run import cellrun, runner
 from tta_bench.cli import main
-from tta_bench.errors import TTABenchError
-from tta_bench.metrics import bootstrap_ci, summarize
+from tta_bench.api.errors import TTABenchError
+from tta_bench.protocol.metrics import bootstrap_ci, summarize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +25,7 @@ DIVERGING = '''
 from dataclasses import dataclass
 import torch
 from tta_bench import register_method
-from tta_bench.method import Method
+from tta_bench.api.method import Method
 
 @register_method("NAME")
 class DivergesAt(Method):
@@ -32,6 +33,9 @@ class DivergesAt(Method):
     @dataclass
     class Params:
         doc: int = 1
+    @classmethod
+    def adapts_at_test_time(cls, params):
+        return False
     @torch.no_grad()
     def score(self, seg):
         lp = self.lm.logprobs(seg.ids, seg.n)
@@ -56,16 +60,19 @@ def test_run_refuses_a_shared_run_of_tokens_before_any_compute(tmp_path, corpus,
     bench = write_bench(tmp_path, corpus)
     assert main(["validate", str(bench)]) == 0
     monkeypatch.setattr(cellrun, "run_cell", lambda *a, **k: pytest.fail("computed"))
-    with pytest.raises(TTABenchError, match=r"prepare split text:train shares a run of 32 tokens with the evaluated"
-                                            r" document 'doc3.txt' \(token 10\)"):
+    with pytest.raises(
+        TTABenchError,
+        match=r"prepare split text:train shares a run of 32 tokens with the evaluated"
+        r" document 'doc3.txt' \(token 10\)",
+    ):
         _run(bench)
     assert not (tmp_path / "results").exists()
 
 
 def test_a_given_fwl_checkpoint_is_checked_against_its_recorded_training_data(tmp_path, corpus):
     """A checkpoint trained (through prepare) on one corpus may not be given to a cell that evaluates it."""
-    from tta_bench.data import cache_dir
-    from tta_bench.method import method_class
+    from tta_bench import cache_dir
+    from tta_bench.api.method import method_class
 
     quick = {**method_class("fwl").quick_params, "train_window": 16, "train_seq_len": 32}
     bench = write_bench(tmp_path, corpus, methods=[{"name": "fwl", **quick}])
@@ -143,7 +150,11 @@ def test_resume_recomputes_what_changed_and_says_so(tmp_path, corpus):
     first = _cells(run_dir)
     assert all(r["status"] == "ok" for r in first.values())
     key = next(iter(first.values()))["resume_key"]
-    assert set(key) == {"config", "model", "data", "files", "code"} and set(key["code"]) == {"harness", "method", "task"}
+    assert set(key) == {"config", "model", "data", "files", "code"} and set(key["code"]) == {
+        "harness",
+        "method",
+        "task",
+    }
 
     logs.clear()
     _run(bench, log=logs.append)
@@ -153,14 +164,19 @@ def test_resume_recomputes_what_changed_and_says_so(tmp_path, corpus):
     (plugin / "diverging.py").write_text(DIVERGING.replace("NAME", "diverges-late") + "\n# a change\n")
     logs.clear()
     _run(bench, log=logs.append)
-    assert any("1 done, 1 to run" in line for line in logs) and any("stale: the code of method changed" in line for line in logs)
+    assert any("1 done, 1 to run" in line for line in logs) and any(
+        "stale: the code of method changed" in line for line in logs
+    )
 
     # the data changes: every cell
     doc = tmp_path / "corpus" / "test" / "doc0.txt"
     doc.write_text(doc.read_text() + "One more sentence.\n")
     logs.clear()
     _run(bench, log=logs.append)
-    assert any("0 done, 2 to run" in line for line in logs) and sum("stale: the data changed" in line for line in logs) == 2
+    assert (
+        any("0 done, 2 to run" in line for line in logs)
+        and sum("stale: the data changed" in line for line in logs) == 2
+    )
 
     # a truncated file and a file of the wrong shape are recomputed, with a note
     files = sorted((run_dir / "cells").glob("*.json"))
@@ -208,7 +224,7 @@ def test_files_keep_normal_permissions_and_plots_are_written_atomically(tmp_path
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
-    from tta_bench.leaderboard import write_leaderboard
+    from tta_bench.results.leaderboard import write_leaderboard
 
     with pytest.raises(OSError):
         write_leaderboard(run_dir)
@@ -216,7 +232,7 @@ def test_files_keep_normal_permissions_and_plots_are_written_atomically(tmp_path
 
 
 def test_a_second_run_into_the_same_folder_stops_with_a_message(tmp_path, corpus):
-    from tta_bench.results import RunLock
+    from tta_bench.results.files import RunLock
 
     bench = write_bench(tmp_path, corpus)
     with RunLock(tmp_path / "results" / "t"):
@@ -228,7 +244,7 @@ def test_a_second_run_into_the_same_folder_stops_with_a_message(tmp_path, corpus
 
 # -- validation -----------------------------------------------------------------------------------
 def test_a_model_whose_vocabulary_is_smaller_than_its_tokenizers_ids_is_refused_at_load():
-    from tta_bench.models import load_model
+    from tta_bench.protocol.models import load_model
 
     with pytest.raises(TTABenchError, match="model tiny has 200 embedding rows but its tokenizer gives ids up to 257"):
         load_model("tiny", device="cpu", vocab_size=200)
@@ -245,18 +261,21 @@ def test_validate_names_the_plugin_files_it_imports(tmp_path, corpus, capsys):
 def test_typed_parameters_refuse_what_yaml_gives_wrongly():
     from typing import Literal
 
-    from tta_bench.params import coerce
+    from tta_bench.api.params import coerce
 
     assert coerce("1e-3", float) == (True, 1e-3)
     assert coerce(float("nan"), float)[0] is False and coerce("inf", float)[0] is False
     assert coerce(True, int)[0] is False and coerce(2**63, int)[0] is False and coerce(2**63 - 1, int)[0]
     assert coerce("maybe", bool | Literal["auto"])[0] is False and coerce("auto", bool | Literal["auto"])[0]
-    assert coerce({"test": "a"}, dict[str, str]) == (True, {"test": "a"}) and coerce({"test": 5}, dict[str, str])[0] is False
+    assert (
+        coerce({"test": "a"}, dict[str, str]) == (True, {"test": "a"})
+        and coerce({"test": 5}, dict[str, str])[0] is False
+    )
     assert coerce(np.float64(0.5), float) == (True, 0.5)
 
 
 def test_the_first_shared_run_is_found_as_a_naive_search_finds_it():
-    from tta_bench.separation import RUN, contains, first_overlap, stream_runs
+    from tta_bench.checks.separation import RUN, contains, first_overlap, stream_runs
 
     rng = np.random.default_rng(0)
     runs = np.unique(rng.integers(0, 2**63, 5000, dtype=np.uint64))
@@ -267,8 +286,15 @@ def test_the_first_shared_run_is_found_as_a_naive_search_finds_it():
         ev = [list(rng.integers(50, 100, 200)) for _ in range(3)]
         if planted:
             d, pos = planted
-            ev[d][pos:pos + RUN] = prep[2][100:100 + RUN]
-        naive = next(((i, j) for i, ids in enumerate(ev) for j in range(len(ids) - RUN + 1)
-                      if any(p[k:k + RUN] == ids[j:j + RUN] for p in prep for k in range(len(p) - RUN + 1))), None)
+            ev[d][pos : pos + RUN] = prep[2][100 : 100 + RUN]
+        naive = next(
+            (
+                (i, j)
+                for i, ids in enumerate(ev)
+                for j in range(len(ids) - RUN + 1)
+                if any(p[k : k + RUN] == ids[j : j + RUN] for p in prep for k in range(len(p) - RUN + 1))
+            ),
+            None,
+        )
         assert first_overlap(stream_runs(prep), ev, prep) == naive == planted
     assert first_overlap(stream_runs(prep), [prep[1]], prep) == (0, None)  # a whole shared document

@@ -1,38 +1,50 @@
 """Command line: run, prepare, validate, list, leaderboard, check."""
+
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .errors import RunFailed, TTABenchError
+from tta_bench.api.errors import RunFailed, TTABenchError
 
 
 def _cmd_run(args) -> int:
-    from .runner import run
+    from tta_bench.run.runner import run
 
-    run(args.bench, force=args.force, progress=False if args.no_progress else None, check=True if args.check else None,
-        log_tokens=args.log_tokens or None)
+    run(
+        args.bench,
+        force=args.force,
+        progress=False if args.no_progress else None,
+        check=True if args.check else None,
+        log_tokens=args.log_tokens or None,
+    )
     return 0
 
 
 def _cmd_report(args) -> int:
-    from .report import write_report
+    from tta_bench.results.report import write_report
 
     print(f"wrote {write_report(args.results, against=args.against)}")
     return 0
 
 
 def _cmd_check(args) -> int:
-    from .checks import run_checks
+    from tta_bench.checks.validity import run_checks
 
-    ok = run_checks(args.bench, model=args.model, device=args.device, only_bench=args.only_bench,
-                    full_params=args.full_params, json_path=args.json)
+    ok = run_checks(
+        args.bench,
+        model=args.model,
+        device=args.device,
+        only_bench=args.only_bench,
+        full_params=args.full_params,
+        json_path=args.json,
+    )
     return 0 if ok else 1
 
 
 def _cmd_validate(args) -> int:
-    from .config import read_yaml, validate
-    from .registry import IMPORTED
+    from tta_bench.run.config import read_yaml, validate
+    from tta_bench.api.registry import IMPORTED
 
     before = len(IMPORTED)
     cfg, problems = validate(read_yaml(args.bench), args.bench)
@@ -43,17 +55,19 @@ def _cmd_validate(args) -> int:
         for p in problems:
             print(f"  {p}", file=sys.stderr)
         return 2
-    from .config import expand
+    from tta_bench.run.config import expand
 
     n = len(expand(cfg, cfg.device))
-    print(f"{args.bench}: ok ({n} cell{'s' if n != 1 else ''}: {len(cfg.models)} model(s) x {len(cfg.tasks)} task(s) x"
-          f" {len(cfg.methods)} method setting(s) x {len(cfg.seeds)} seed(s))")
+    print(
+        f"{args.bench}: ok ({n} cell{'s' if n != 1 else ''}: {len(cfg.models)} model(s) x {len(cfg.tasks)} task(s) x"
+        f" {len(cfg.methods)} method setting(s) x {len(cfg.seeds)} seed(s))"
+    )
     return 0
 
 
 def _cmd_list(args) -> int:
-    from . import models  # noqa: F401  (registers the built-in models)
-    from .registry import describe, discover
+    from tta_bench.protocol import models  # noqa: F401  (registers the built-in models)
+    from tta_bench.api.registry import describe, discover
 
     discover(args.plugins or [])
     for kind in ("method", "task", "model"):
@@ -72,36 +86,60 @@ def _cmd_list(args) -> int:
 def _cmd_leaderboard(args) -> int:
     from pathlib import Path
 
-    from .leaderboard import write_leaderboard
+    from tta_bench.results.leaderboard import write_leaderboard
 
-    for out in write_leaderboard([Path(r) for r in args.results], out=args.out, allow_mixed=args.allow_mixed, readme=args.readme):
+    for out in write_leaderboard(
+        [Path(r) for r in args.results], out=args.out, allow_mixed=args.allow_mixed, readme=args.readme
+    ):
         print(f"wrote {out}")
     return 0
 
 
 def _cmd_prepare(args) -> int:
-    from .runner import prepare
+    from tta_bench.run.runner import prepare
 
     prepare(args.bench, progress=False if args.no_progress else None)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tta-bench", description="Benchmark test-time adaptation of language models.")
-    sub = p.add_subparsers(dest="command", required=True)
+def _add_run_commands(sub) -> None:
+    """run and prepare: a bench file into cells."""
     r = sub.add_parser("run", help="run every unfinished cell of a bench file, then write the leaderboard")
     r.add_argument("bench")
     r.add_argument("--force", action="store_true", help="recompute cells that already have results")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--check", action="store_true", help="also run the validity checks of each cell's setting; stored in its record")
-    r.add_argument("--log-tokens", action="store_true", help="keep every scored token's log-probability beside its cell (for `report`)")
+    r.add_argument(
+        "--check", action="store_true", help="also run the validity checks of each cell's setting; stored in its record"
+    )
+    r.add_argument(
+        "--log-tokens",
+        action="store_true",
+        help="keep every scored token's log-probability beside its cell (for `report`)",
+    )
     r.set_defaults(fn=_cmd_run)
-    c = sub.add_parser("check", help="validity checks (causality, normalisation, split separation, determinism) of every method")
+    pr = sub.add_parser(
+        "prepare",
+        help="run each cell's preparation (training, datastores, statistics) ahead of time; `run` then only evaluates",
+    )
+    pr.add_argument("bench")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pr.set_defaults(fn=_cmd_prepare)
+
+
+def _add_inspection_commands(sub) -> None:
+    """check, validate and list: what a bench or a method would do, before any result."""
+    c = sub.add_parser(
+        "check", help="validity checks (causality, normalisation, split separation, determinism) of every method"
+    )
     c.add_argument("bench")
     c.add_argument("--model", default="tiny", help="model to check on (default: tiny, the 2-layer test model)")
     c.add_argument("--device", default="cpu", help="device (default: cpu; determinism is checked on CPU only)")
-    c.add_argument("--only-bench", action="store_true", help="only the bench's method settings, not every registered method")
-    c.add_argument("--full-params", action="store_true", help="the settings as given, without each method's quick_params")
+    c.add_argument(
+        "--only-bench", action="store_true", help="only the bench's method settings, not every registered method"
+    )
+    c.add_argument(
+        "--full-params", action="store_true", help="the settings as given, without each method's quick_params"
+    )
     c.add_argument("--json", help="also write the full reports to this JSON file")
     c.set_defaults(fn=_cmd_check)
     v = sub.add_parser("validate", help="check a bench file and report every problem")
@@ -111,20 +149,41 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("kind", nargs="?", choices=["methods", "tasks", "models"])
     ls.add_argument("--plugins", nargs="*", help="extra plugin folders or files")
     ls.set_defaults(fn=_cmd_list)
-    lb = sub.add_parser("leaderboard", help="Markdown, CSV, JSON, HTML tables and Pareto plots from one or more results folders")
+
+
+def _add_results_commands(sub) -> None:
+    """leaderboard and report: tables and analyses from finished cells."""
+    lb = sub.add_parser(
+        "leaderboard", help="Markdown, CSV, JSON, HTML tables and Pareto plots from one or more results folders"
+    )
     lb.add_argument("results", nargs="+", help="results folders (e.g. results/default); several are merged")
     lb.add_argument("--out", help="where to write (default: the first folder)")
-    lb.add_argument("--allow-mixed", action="store_true", help="merge cells whose provenance (harness version, data or model hash) differs")
+    lb.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="merge cells whose provenance (harness version, data or model hash) differs",
+    )
     lb.add_argument("--readme", help="also replace the results block of this README")
     lb.set_defaults(fn=_cmd_leaderboard)
-    rp = sub.add_parser("report", help="REPORT.md: where each method gains, by token frequency, repetition and position (needs log_tokens)")
+    rp = sub.add_parser(
+        "report",
+        help="REPORT.md: where each method gains, by token frequency, repetition and position (needs log_tokens)",
+    )
     rp.add_argument("results", help="a results folder whose cells have per-token logs")
-    rp.add_argument("--against", default="none", help="the baseline label (default: none); each method is also set against its control")
+    rp.add_argument(
+        "--against",
+        default="none",
+        help="the baseline label (default: none); each method is also set against its control",
+    )
     rp.set_defaults(fn=_cmd_report)
-    pr = sub.add_parser("prepare", help="run each cell's preparation (training, datastores, statistics) ahead of time; `run` then only evaluates")
-    pr.add_argument("bench")
-    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
-    pr.set_defaults(fn=_cmd_prepare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tta-bench", description="Benchmark test-time adaptation of language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_inspection_commands(sub)
+    _add_results_commands(sub)
     return p
 
 

@@ -23,9 +23,10 @@ each fast parameter (`FWState`, so the weights at chunk k are literally W - eta_
 strictly causal part inside a chunk is a masked (chunk x chunk) product. Cost and memory are linear in
 the length; the state can be carried across segments (`FWStream`: fast_state document).
 
-Decayed, multi-timescale fast weights (`timescales`: each earlier position's gradient discounted by a
-learned gamma_s^(i-1-j), one step size per timescale) live in `decayed.py`; their state has a slice per
-timescale.
+The options are strategy objects the block picks from its config: its memory, how the earlier gradients
+add up (`SummedMemory`, the paper's; `DecayedMemory` with `timescales`, in `decayed.py`: each earlier
+position's gradient discounted by a learned gamma_s^(i-1-j), one step size and state slice per timescale),
+and its gradients, at which weights they are taken (`SlowGradients`, the paper's; `RecurrentGradients`).
 
 Chunk-recurrent fast weights (`recurrent`): the gradients of chunk k are taken at the fast weights the
 earlier chunks left, theta_k = theta - eta * state_k, instead of at the slow weights: the chunk's "slow"
@@ -34,6 +35,7 @@ same linear attention over the chunk's earlier positions. state_{k+1} = state_k 
 dL_j/dtheta(theta_k), so a token the fast weights already predict adds (almost) nothing more. The chunks
 of a stream are its segments' chunks. Training lives in `train.py`, the method classes in `method.py`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tta_bench.errors import TTABenchError
+from tta_bench.api.errors import TTABenchError
 
-from . import decayed
+from .decayed import DecayedMemory
 
 FAST = ("w1", "b1", "w2", "b2", "alpha", "beta")  # the fast parameters, each with its own step size
 
@@ -110,6 +112,74 @@ def _exclusive_cumsum(g: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(g[:, :1]), g[:, :-1]], 1).cumsum(1)
 
 
+# -- memory: how the earlier positions' gradients add up (decayed.DecayedMemory is the other kind) ------
+class SummedMemory:
+    """The paper's memory: every earlier position's gradient summed undiscounted, one step size per fast
+    parameter, one state slice."""
+
+    slices: tuple = ()  # the state and the step sizes have no timescale axis
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """Initial values of the memory's own learned parameters: none."""
+        return {}
+
+    def step(self, eta: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+        """The step a fast parameter has taken: its step size times its accumulated gradient."""
+        return eta * acc
+
+    def per_slice(self, grad_sum: torch.Tensor) -> torch.Tensor:
+        """A sum of gradients as the state holds it."""
+        return grad_sum
+
+    def fast_dense(self, block, u, k, g, layer, wk, bk, acc_w, acc_b, chunk):
+        """One fast dense layer over the sequence: query u (fast input), key k (slow input), value g;
+        (its output, the state of its weight and bias after the sequence)."""
+        eta_w, eta_b = block.eta[wk], block.eta[bk]
+        bias = layer.bias - eta_b * (acc_b.unsqueeze(1) + _exclusive_cumsum(g))
+        outs = []
+        for s in range(0, u.shape[1], chunk):
+            uc, kc, gc = u[:, s : s + chunk], k[:, s : s + chunk], g[:, s : s + chunk]
+            w = layer.weight - eta_w * acc_w  # the weights after the step on every earlier chunk
+            out = block.op_dense(torch.matmul, uc, w.transpose(1, 2))
+            scores = block.op_attn(torch.matmul, uc, kc.transpose(1, 2)).tril(-1)  # strictly causal: j < i
+            outs.append(out - eta_w * block.op_attn(torch.matmul, scores, gc))
+            acc_w = acc_w + block.op_state(torch.matmul, gc.transpose(1, 2), kc)
+        return torch.cat(outs, 1) + bias, acc_w, acc_b + g.sum(1)
+
+    def fast_vector(self, block, slow, key, g, acc, chunk):
+        """A fast LayerNorm gain or bias at every position, (B, T, m), from its per-position gradients g,
+        and its state after the sequence."""
+        return slow - block.eta[key] * (acc.unsqueeze(1) + _exclusive_cumsum(g)), acc + g.sum(1)
+
+    def describe(self, block) -> str:
+        """What the training log adds about the memory: nothing."""
+        return ""
+
+
+# -- gradients: at which weights each position's inner gradient is taken ------------------------------
+class SlowGradients:
+    """The paper's: every gradient at the slow weights, so a whole sequence is one span (fast() still
+    chunks its attention)."""
+
+    def span(self, chunk: int, length: int) -> int:
+        return length
+
+    def weights(self, block, state) -> dict | None:
+        """The weights a span's pass and gradients run at: the slow ones."""
+        return None
+
+
+class RecurrentGradients:
+    """Chunk-recurrent (`recurrent`): each chunk's pass and gradients at the fast weights the earlier
+    chunks left (see the module docstring)."""
+
+    def span(self, chunk: int, length: int) -> int:
+        return chunk
+
+    def weights(self, block, state) -> dict | None:
+        return block.weights(state)
+
+
 class FWBlock(nn.Module):
     """The fast weight block: slow pass, explicit inner gradient, fast pass (see the module docstring)."""
 
@@ -122,24 +192,29 @@ class FWBlock(nn.Module):
         self.ln_alpha = nn.Parameter(torch.ones(m))
         self.ln_beta = nn.Parameter(torch.zeros(m))
         self.unembed = nn.Linear(m, V, bias=False)
+        self.memory = DecayedMemory(cfg.timescales) if cfg.timescales else SummedMemory()
+        self.gradients = RecurrentGradients() if cfg.recurrent else SlowGradients()
         eta = float(cfg.eta_init) if cfg.fast else 0.0
-        shape = (len(cfg.timescales),) if cfg.timescales else ()  # a step size per timescale
+        shape = self.memory.slices  # decayed: a step size per timescale
         self.eta = nn.ParameterDict({k: nn.Parameter(torch.full(shape, eta), requires_grad=cfg.fast) for k in FAST})
-        if cfg.timescales:  # gamma = sigmoid(a), learned, a shared by every fast parameter
-            gamma = torch.tensor([1 - 1 / float(t) for t in cfg.timescales])
-            self.decay_logit = nn.Parameter(torch.log(gamma / (1 - gamma)), requires_grad=cfg.fast)
+        own = self.memory.parameters()  # decayed: the decays
+        for name, value in own.items():
+            self.register_parameter(name, nn.Parameter(value, requires_grad=cfg.fast))
+        self._memory_parameters = tuple(own)
         # FLOP breakdown only: vocabulary projections, dense layers, linear attention inside a chunk, state updates.
         self.op_vocab, self.op_dense, self.op_attn, self.op_state = _Scope(), _Scope(), _Scope(), _Scope()
 
     def slow_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Every parameter except the step sizes and decays."""
-        return [(n, p) for n, p in self.named_parameters() if not n.startswith(("eta.", "decay_logit"))]
+        steps = {id(p) for p in self.step_parameters()}
+        return [(n, p) for n, p in self.named_parameters() if id(p) not in steps]
 
     def step_parameters(self) -> list[nn.Parameter]:
-        """The step sizes, and the decays of decayed fast weights."""
-        return list(self.eta.parameters()) + ([self.decay_logit] if self.cfg.timescales else [])
+        """The step sizes, and the memory's own parameters (the decays of decayed fast weights)."""
+        return list(self.eta.parameters()) + [getattr(self, n) for n in self._memory_parameters]
 
     def gammas(self) -> torch.Tensor:
+        """Decayed fast weights: each timescale's decay."""
         return torch.sigmoid(self.decay_logit)
 
     # -- slow pass and inner gradient -----------------------------------------------------------
@@ -152,18 +227,17 @@ class FWBlock(nn.Module):
     def weights(self, state: FWState | None) -> dict:
         """The fast parameters after the step that `state` holds, theta - eta * state (batched; decayed:
         the sum over timescales); the slow ones when state is None."""
-        slow = {"w1": self.dense1.weight, "b1": self.dense1.bias, "w2": self.dense2.weight, "b2": self.dense2.bias,
-                "alpha": self.ln_alpha, "beta": self.ln_beta}
+        slow = {
+            "w1": self.dense1.weight,
+            "b1": self.dense1.bias,
+            "w2": self.dense2.weight,
+            "b2": self.dense2.bias,
+            "alpha": self.ln_alpha,
+            "beta": self.ln_beta,
+        }
         if state is None:
             return slow
-        out = {}
-        for k, acc in state._asdict().items():
-            eta = self.eta[k]
-            if self.cfg.timescales:  # (B, S, ...): one step size per timescale, summed
-                step = (eta.view(1, -1, *[1] * (acc.dim() - 2)) * acc).sum(1)
-            else:
-                step = eta * acc
-            out[k] = slow[k] - step
+        out = {k: slow[k] - self.memory.step(self.eta[k], acc) for k, acc in state._asdict().items()}
         out["alpha"], out["beta"] = out["alpha"].unsqueeze(1), out["beta"].unsqueeze(1)  # over positions
         return out
 
@@ -196,100 +270,119 @@ class FWBlock(nn.Module):
         w = w or self.weights(None)
         gz = self.op_vocab(torch.matmul, gl, self.unembed.weight)
         gxhat = gz * w["alpha"]
-        gh2 = acts.rstd * (gxhat - gxhat.mean(-1, keepdim=True) - acts.xhat * (gxhat * acts.xhat).mean(-1, keepdim=True))
+        gh2 = acts.rstd * (
+            gxhat - gxhat.mean(-1, keepdim=True) - acts.xhat * (gxhat * acts.xhat).mean(-1, keepdim=True)
+        )
         ga = self.op_dense(torch.matmul, gh2, w["w2"])
         return Grads(ga * 2 * F.relu(acts.h1), gh2, gz)
 
     # -- fast pass --------------------------------------------------------------------------------
     def zero_state(self, batch: int, like: torch.Tensor) -> FWState:
         d, m = self.cfg.d_in, self.cfg.size
-        per = (len(self.cfg.timescales),) if self.cfg.timescales else ()  # decayed: a slice per timescale
+        per = self.memory.slices  # decayed: a slice per timescale
         z = lambda *s: torch.zeros((batch, *per, *s), dtype=like.dtype, device=like.device)  # noqa: E731
         return FWState(z(4 * m, d), z(4 * m), z(m, 4 * m), z(m), z(m), z(m))
 
-    def _fast_dense(self, u, k, g, layer, wk, bk, acc_w, acc_b, chunk):
-        """One fast dense layer over the sequence: query u (fast input), key k (slow input), value g."""
-        eta_w, eta_b = self.eta[wk], self.eta[bk]
-        bias = layer.bias - eta_b * (acc_b.unsqueeze(1) + _exclusive_cumsum(g))
-        outs = []
-        for s in range(0, u.shape[1], chunk):
-            uc, kc, gc = u[:, s:s + chunk], k[:, s:s + chunk], g[:, s:s + chunk]
-            w = layer.weight - eta_w * acc_w  # the weights after the step on every earlier chunk
-            out = self.op_dense(torch.matmul, uc, w.transpose(1, 2))
-            scores = self.op_attn(torch.matmul, uc, kc.transpose(1, 2)).tril(-1)  # strictly causal: j < i
-            outs.append(out - eta_w * self.op_attn(torch.matmul, scores, gc))
-            acc_w = acc_w + self.op_state(torch.matmul, gc.transpose(1, 2), kc)
-        return torch.cat(outs, 1) + bias, acc_w, acc_b + g.sum(1)
-
-    def fast(self, x: torch.Tensor, acts: Acts, grads: Grads, state: FWState | None = None,
-             chunk: int = 128) -> tuple[torch.Tensor, FWState]:
+    def fast(
+        self, x: torch.Tensor, acts: Acts, grads: Grads, state: FWState | None = None, chunk: int = 128
+    ) -> tuple[torch.Tensor, FWState]:
         """The LayerNorm output z at every position from the fast weights, and the state after the sequence."""
         if state is None:
             state = self.zero_state(x.shape[0], x)
-        if self.cfg.timescales:
-            return self._fast_decayed(x, acts, grads, state, chunk)
-        h1, w1, b1 = self._fast_dense(x, x, grads.h1, self.dense1, "w1", "b1", state.w1, state.b1, chunk)
+        mem = self.memory
+        h1, w1, b1 = mem.fast_dense(self, x, x, grads.h1, self.dense1, "w1", "b1", state.w1, state.b1, chunk)
         a = F.relu(h1).square()
-        h2, w2, b2 = self._fast_dense(a, acts.a, grads.h2, self.dense2, "w2", "b2", state.w2, state.b2, chunk)
+        h2, w2, b2 = mem.fast_dense(self, a, acts.a, grads.h2, self.dense2, "w2", "b2", state.w2, state.b2, chunk)
         xhat, _ = self._normalize(h2)
-        g_alpha, g_beta = grads.z * acts.xhat, grads.z
-        alpha = self.ln_alpha - self.eta["alpha"] * (state.alpha.unsqueeze(1) + _exclusive_cumsum(g_alpha))
-        beta = self.ln_beta - self.eta["beta"] * (state.beta.unsqueeze(1) + _exclusive_cumsum(g_beta))
-        new = FWState(w1, b1, w2, b2, state.alpha + g_alpha.sum(1), state.beta + g_beta.sum(1))
-        return alpha * xhat + beta, new
-
-    def _fast_decayed(self, x, acts, grads, state, chunk):
-        """fast() with decayed, multi-timescale fast weights (decayed.py)."""
-        h1, w1, b1 = decayed.fast_dense(self, x, x, grads.h1, self.dense1, "w1", "b1", state.w1, state.b1, chunk)
-        a = F.relu(h1).square()
-        h2, w2, b2 = decayed.fast_dense(self, a, acts.a, grads.h2, self.dense2, "w2", "b2", state.w2, state.b2, chunk)
-        xhat, _ = self._normalize(h2)
-        sums_alpha, alpha_state = decayed.decayed_sum(self, grads.z * acts.xhat, state.alpha, chunk)
-        sums_beta, beta_state = decayed.decayed_sum(self, grads.z, state.beta, chunk)
-        alpha = self.ln_alpha - (self.eta["alpha"][None, :, None, None] * sums_alpha).sum(1)
-        beta = self.ln_beta - (self.eta["beta"][None, :, None, None] * sums_beta).sum(1)
+        alpha, alpha_state = mem.fast_vector(self, self.ln_alpha, "alpha", grads.z * acts.xhat, state.alpha, chunk)
+        beta, beta_state = mem.fast_vector(self, self.ln_beta, "beta", grads.z, state.beta, chunk)
         return alpha * xhat + beta, FWState(w1, b1, w2, b2, alpha_state, beta_state)
 
     def accumulate(self, state: FWState, x: torch.Tensor, acts: Acts, grads: Grads) -> FWState:
         """The state after adding the gradients of positions (x, acts, grads) (all batch first). Decayed
         fast weights: added to every timescale undecayed, as FWStream.commit needs (the pass that saw
         the position already decayed the state for it, with its gradient unknown)."""
-        per = (lambda t: t.unsqueeze(1)) if self.cfg.timescales else (lambda t: t)  # noqa: E731
+        per = self.memory.per_slice
         mm = lambda g, k: per(self.op_state(torch.matmul, g.transpose(1, 2), k))  # noqa: E731
-        return FWState(state.w1 + mm(grads.h1, x), state.b1 + per(grads.h1.sum(1)),
-                       state.w2 + mm(grads.h2, acts.a), state.b2 + per(grads.h2.sum(1)),
-                       state.alpha + per((grads.z * acts.xhat).sum(1)), state.beta + per(grads.z.sum(1)))
+        return FWState(
+            state.w1 + mm(grads.h1, x),
+            state.b1 + per(grads.h1.sum(1)),
+            state.w2 + mm(grads.h2, acts.a),
+            state.b2 + per(grads.h2.sum(1)),
+            state.alpha + per((grads.z * acts.xhat).sum(1)),
+            state.beta + per(grads.z.sum(1)),
+        )
 
-    def run(self, x: torch.Tensor, targets: torch.Tensor, base_logits: torch.Tensor | None, state: FWState | None,
-            chunk: int) -> tuple[torch.Tensor, FWState, tuple]:
-        """(fast logits, the state after the sequence, the last position's (x, acts, slow logits, weights)
-        for a later commit of its gradient); the fast path only (cfg.fast)."""
+    def run(
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor,
+        base_logits: torch.Tensor | None,
+        state: FWState | None,
+        chunk: int,
+    ) -> tuple[torch.Tensor, "LastPosition"]:
+        """(fast logits, the state after the sequence with what a later commit of the last position's
+        gradient needs); the fast path only (cfg.fast). The sequence runs in spans (self.gradients), each
+        with its pass and gradients at the weights the span starts from."""
         if state is None:
             state = self.zero_state(x.shape[0], x)
-        # recurrent: each chunk's pass and gradients at the weights the earlier chunks left; otherwise every
-        # gradient at the slow weights, so the whole sequence is one span (fast() still chunks its attention)
-        span = chunk if self.cfg.recurrent else x.shape[1]
+        span = self.gradients.span(chunk, x.shape[1])
         zs = []
         for s in range(0, x.shape[1], span):
-            xc = x[:, s:s + span]
-            w = self.weights(state) if self.cfg.recurrent else None
+            xc = x[:, s : s + span]
+            w = self.gradients.weights(self, state)
             acts = self.slow(xc, w)
-            slow_logits = self.logits(acts.z, None if base_logits is None else base_logits[:, s:s + span])
-            grads = self.inner_grads(acts, self.output_grad(slow_logits, targets[:, s:s + span]), w)
+            slow_logits = self.logits(acts.z, None if base_logits is None else base_logits[:, s : s + span])
+            grads = self.inner_grads(acts, self.output_grad(slow_logits, targets[:, s : s + span]), w)
             z, state = self.fast(xc, acts, grads, state, chunk)
             zs.append(z)
-        last = (x[:, -1:], Acts(*(t[:, -1:] for t in acts)), slow_logits[:, -1:], w)
-        return self.logits(torch.cat(zs, 1), base_logits), state, last
+        last = LastPosition(state, x[:, -1:], Acts(*(t[:, -1:] for t in acts)), slow_logits[:, -1:], w)
+        return self.logits(torch.cat(zs, 1), base_logits), last
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor, base_logits: torch.Tensor | None = None,
-                state: FWState | None = None, chunk: int = 128) -> tuple[torch.Tensor, FWState]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor,
+        base_logits: torch.Tensor | None = None,
+        state: FWState | None = None,
+        chunk: int = 128,
+    ) -> tuple[torch.Tensor, FWState]:
         """x (B, T, d), targets (B, T) (-1: unknown, no gradient) -> fast logits (B, T, V) and the new state.
 
         The targets of positions j < i are used at i; position i's own target never is."""
         if not self.cfg.fast:  # every step size is 0: the fast weights are the slow ones
-            return self.logits(self.slow(x).z, base_logits), state if state is not None else self.zero_state(x.shape[0], x)
-        logits, state, _ = self.run(x, targets, base_logits, state, chunk)
-        return logits, state
+            return self.logits(self.slow(x).z, base_logits), state if state is not None else self.zero_state(
+                x.shape[0], x
+            )
+        logits, last = self.run(x, targets, base_logits, state, chunk)
+        return logits, last.state
+
+
+@dataclass(frozen=True)
+class LastPosition:
+    """A segment scored with fast weights: the state after it, and what the gradient of its last position
+    needs once that position's target is known (its input, slow-pass activations, slow logits, weights)."""
+
+    state: FWState
+    x: torch.Tensor
+    acts: Acts
+    slow_logits: torch.Tensor
+    weights: dict | None
+
+    def state_after(self, block: FWBlock, last_target: torch.Tensor) -> FWState:
+        """The state with the last position's gradient added."""
+        grads = block.inner_grads(self.acts, block.output_grad(self.slow_logits, last_target), self.weights)
+        return block.accumulate(self.state, self.x, self.acts, grads)
+
+
+@dataclass(frozen=True)
+class StaticSegment:
+    """A segment the control scored (no fast weights): the state stays as it was."""
+
+    state: FWState | None
+
+    def state_after(self, block: FWBlock, last_target: torch.Tensor) -> FWState | None:
+        return self.state
 
 
 class FWStream:
@@ -305,31 +398,24 @@ class FWStream:
 
     def reset(self):
         self.state: FWState | None = None
-        self._pending = None
+        self._pending: LastPosition | StaticSegment | None = None  # the last scored segment, until commit
 
     def segment_logits(self, x: torch.Tensor, base_logits: torch.Tensor | None, next_ids: torch.Tensor) -> torch.Tensor:
         """x (1, n, d) and base logits (1, n, V) of the n new positions; next_ids (1, n-1): the targets of
         all but the last (known from the input). Returns the fast logits (1, n, V)."""
         b = self.block
         if not b.cfg.fast:  # the control: nothing to carry
-            self._pending = "static"
+            self._pending = StaticSegment(self.state)
             return b.logits(b.slow(x).z, base_logits)
         targets = torch.cat([next_ids, next_ids.new_full((x.shape[0], 1), -1)], 1)
-        logits, state, last = b.run(x, targets, base_logits, self.state, self.chunk)
-        self._pending = (state, *last)
+        logits, self._pending = b.run(x, targets, base_logits, self.state, self.chunk)
         return logits
 
     def commit(self, last_target: torch.Tensor) -> None:
         """last_target (1, 1): the target of the segment's last position."""
         if self._pending is None:
             raise TTABenchError("FWStream.commit() without segment_logits(); score the segment first")
-        if self._pending == "static":
-            self._pending = None
-            return
-        state, x, acts, slow_logits, w = self._pending
-        b = self.block
-        self.state = b.accumulate(state, x, acts, b.inner_grads(acts, b.output_grad(slow_logits, last_target), w))
-        self._pending = None
+        self.state, self._pending = self._pending.state_after(self.block, last_target), None
 
 
 class Pass(nn.Module):
@@ -348,23 +434,30 @@ def score_pass(block: FWBlock, chunk: int, stream: bool) -> Pass:
     state (inputs x, base, next_ids, *state); False is a whole window from an empty state (x, base, targets)."""
     # The new state is returned too: eager mode computes it, so the trace must not drop it as dead code.
     if stream:
+
         def fn(x, base, next_ids, *state):
             s = FWStream(block, chunk)
             s.state = FWState(*state)
             logits = s.segment_logits(x, base, next_ids)
-            return (logits, *(s._pending[0] if block.cfg.fast else ()))
+            return (logits, *(s._pending.state if block.cfg.fast else ()))
     else:
+
         def fn(x, base, targets):
             logits, state = block(x, targets, base, None, chunk)
             return (logits, *state)
+
     return Pass(block, fn)
 
 
 def commit_pass(block: FWBlock) -> Pass:
     """FWStream.commit: the last position's inner gradient and the state update (x, slow_logits, target, *state)."""
+
     def fn(x, slow_logits, target, *state):
         state = FWState(*state)
-        w = block.weights(state) if block.cfg.recurrent else None  # recurrent: at fast weights, as the last chunk was
+        w = block.gradients.weights(block, state)  # recurrent: at fast weights, as the last chunk was
         acts = block.slow(x, w)
-        return tuple(block.accumulate(state, x, acts, block.inner_grads(acts, block.output_grad(slow_logits, target), w)))
+        return tuple(
+            block.accumulate(state, x, acts, block.inner_grads(acts, block.output_grad(slow_logits, target), w))
+        )
+
     return Pass(block, fn)

@@ -6,7 +6,7 @@ SGD step on the losses of all earlier tokens (computed exactly, as linear attent
 base model, training configuration and prepare data), else meta-trains it on the prepare split
 (`train.py`; `tta-bench prepare` does it ahead of time).
 
-fast_state:
+fast_state (scope.py):
 - `document`: the fast-weight state carries from segment to segment (until reset: each document under
   reset=document, never under reset=never). A segment's new positions see every earlier position's
   gradient; the last one's target arrives in adapt(), which adds it to the state.
@@ -21,38 +21,60 @@ For whole documents use `fast_state: document, recurrent: true`: on smollm2-135m
 decayed memory in and out of domain (benchmarks/fwl_memory*.yaml); `window` stays the default because,
 trained with the larger budget, it lost the first 128 tokens of each document to `window` (by 0.08 nats).
 
-`gate: bayes` (BayesGate): the block's distribution and the base model's, mixed by their posterior weights
+`gate: bayes` (gate.py, BayesGate): the block's distribution and the base model's, mixed by their posterior weights
 on the document's earlier tokens (with a fixed share, `gate_share`, so the weights can move back), so a
 block whose prepare-split style does not fit the text (out of domain) gives way to the base model within
 a few tokens, and takes over again where its fast weights have learned the document.
 """
+
 from __future__ import annotations
 
 import copy
 import hashlib
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from tta_bench.errors import TTABenchError
-from tta_bench.flops import fvcore_count
-from tta_bench.method import Method
-from tta_bench.registry import register_method
-from tta_bench.separation import stream_runs
-from tta_bench_methods.dynamic_eval.method import rms_statistics
-from tta_bench_methods.dynamic_eval.update import DEFAULT_LR, DynamicEvaluation, update_rule_problems
+from tta_bench.api.errors import TTABenchError
+from tta_bench.api.method import Method
+from tta_bench.api.registry import register_method
+from tta_bench.checks.separation import stream_runs
+from tta_bench_methods._common.update import (
+    DEFAULT_LR,
+    DynamicEvaluation,
+    rms_statistics,
+    score_with_graph,
+    take_scored,
+    update_rule_problems,
+)
 
-from .block import FWStream, commit_pass, score_pass
-from .train import (FORMAT, TrainConfig, load_checkpoint, recorded_training_runs, save_checkpoint, train_block,
-                    train_fields)
+from .gate import make_gate
+from .scope import make_scope
+from .train import (
+    FORMAT,
+    TrainConfig,
+    load_checkpoint,
+    recorded_training_runs,
+    save_checkpoint,
+    train_block,
+    train_fields,
+)
 
 # The checks' and tests' setting: a tiny block whose fast path moves its scores far beyond their tolerances
 # (U at the head's scale, inner-loss normaliser 1/8).
-QUICK = {"size": 8, "u_scale": 1.0, "norm": 0.125, "train_tokens": 600, "val_tokens": 100, "train_window": 32,
-         "train_seq_len": 64, "train_steps": 4, "eval_every": 0}
+QUICK = {
+    "size": 8,
+    "u_scale": 1.0,
+    "norm": 0.125,
+    "train_tokens": 600,
+    "val_tokens": 100,
+    "train_window": 32,
+    "train_seq_len": 64,
+    "train_steps": 4,
+    "eval_every": 0,
+}
 
 
 def static_control(params) -> dict:
@@ -65,58 +87,20 @@ def static_control(params) -> dict:
         same["train_fast_state"] = "document"
     else:
         del same["train_lanes"]  # without a carried state there are no lanes
-    return {"method": "fwl-static", "params": same if params.gate == "none" else {**same, "gate": params.gate, "gate_share": params.gate_share}}
-
-
-def fixed_share(log_odds: float, gains, share: float) -> list[float]:
-    """The block's log-odds against the base model before each token and after the last, from `log_odds`
-    before the first; gains[i] = log p_block(y_i) - log p_base(y_i). Each token moves them to the posterior
-    (log-odds + gain), then fixed share (Herbster & Warmuth 1998) returns a fraction `share` of the weight
-    to an even split: w <- (1 - share) w + share / 2."""
-    out = [log_odds]
-    for g in gains:
-        odds = out[-1] + g
-        if share:
-            w = 1 / (1 + math.exp(-odds)) if odds >= 0 else math.exp(odds) / (1 + math.exp(odds))
-            w = (1 - share) * w + share / 2
-            odds = math.log(w) - math.log1p(-w)
-        out.append(odds)
-    return out
-
-
-class BayesGate:
-    """The block mixed with the base model, p_i = w_i p_block + (1 - w_i) p_base, w_i from the document's
-    earlier tokens (fixed_share; w_0 = 1/2). With share 0 it is the Bayesian mixture: a document's total NLL
-    is -log(1/2 prod p_block + 1/2 prod p_base), at most log 2 nats above the better model on that document.
-    A share > 0 lets the weight come back when the better model changes within a document (the block's
-    fast weights can unlearn a misfit), at about log(1/share) nats per change and -log(1 - share) per token."""
-
-    def __init__(self, share: float):
-        self.share = share
-        self.reset()
-
-    def reset(self):
-        self.log_odds, self._pending = 0.0, None
-
-    def mix(self, lp_block: torch.Tensor, lp_base: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
-        """lp_* (n, V) log-probabilities, next_ids (n-1,) the targets of all but the last position."""
-        gains = (lp_block[:-1] - lp_base[:-1]).gather(1, next_ids[:, None])[:, 0].tolist()
-        odds = fixed_share(self.log_odds, gains, self.share)  # before each of the n positions
-        self._pending = (odds[-1], (lp_block[-1] - lp_base[-1]).detach())
-        o = torch.tensor(odds, dtype=lp_block.dtype, device=lp_block.device)[:, None]
-        return torch.logaddexp(F.logsigmoid(o) + lp_block, F.logsigmoid(-o) + lp_base)
-
-    def commit(self, last_target: int):
-        odds, last_gain = self._pending
-        self.log_odds, self._pending = fixed_share(odds, [last_gain[last_target].item()], self.share)[-1], None
+    return {
+        "method": "fwl-static",
+        "params": same if params.gate == "none" else {**same, "gate": params.gate, "gate_share": params.gate_share},
+    }
 
 
 @register_method("fwl")
 class FastWeightLayers(Method):
     """Fast Weight Layers (Clark et al. 2022): a meta-learned head whose weights take an SGD step on every earlier token."""
 
-    claim = ("the gains of dynamic evaluation for relatively little extra compute and memory; most on long documents,"
-             " rare and repeated tokens (Clark et al.)")
+    claim = (
+        "the gains of dynamic evaluation for relatively little extra compute and memory; most on long documents,"
+        " rare and repeated tokens (Clark et al.)"
+    )
 
     @dataclass
     class Params(TrainConfig):
@@ -136,7 +120,10 @@ class FastWeightLayers(Method):
 
     quick_params = QUICK
     # decayed and chunk-recurrent fast weights, carried through documents
-    check_variants = [{"fast_state": "document", "timescales": [8.0, 64.0]}, {"fast_state": "document", "recurrent": True, "chunk": 8}]
+    check_variants = [
+        {"fast_state": "document", "timescales": [8.0, 64.0]},
+        {"fast_state": "document", "recurrent": True, "chunk": 8},
+    ]
 
     @classmethod
     def adapts_at_test_time(cls, params) -> bool:
@@ -149,10 +136,10 @@ class FastWeightLayers(Method):
     def __init__(self, lm, params, seed=0, protocol=None):
         super().__init__(lm, params, seed, protocol)
         self.block = None
-        self.stream = None
+        self.scope = None  # the fast weights' reach (scope.py), once the block is there
         self.info: dict = {}
         self.model = None  # a private copy of the base model when its top blocks were fine-tuned
-        self.gate = BayesGate(params.gate_share) if params.gate == "bayes" else None
+        self.gate = make_gate(params)
 
     @classmethod
     def given_files(cls, params):
@@ -162,7 +149,12 @@ class FastWeightLayers(Method):
     def given_data(cls, params):
         if not params.checkpoint:
             return []
-        return [(f"FWL checkpoint {params.checkpoint} (its recorded training data)", recorded_training_runs(params.checkpoint))]
+        return [
+            (
+                f"FWL checkpoint {params.checkpoint} (its recorded training data)",
+                recorded_training_runs(params.checkpoint),
+            )
+        ]
 
     # -- prepare ------------------------------------------------------------------------------------
     def prepare(self, data):
@@ -170,15 +162,21 @@ class FastWeightLayers(Method):
         if p.checkpoint:
             block, base, info = load_checkpoint(p.checkpoint, self.lm.device)
             if info.get("model") != self.lm.fingerprint:
-                raise TTABenchError(f"FWL checkpoint {p.checkpoint} was trained on model {info.get('model_name')}"
-                                    f" ({info.get('model')}), not {self.lm.name} ({self.lm.fingerprint}); train one for it")
+                raise TTABenchError(
+                    f"FWL checkpoint {p.checkpoint} was trained on model {info.get('model_name')}"
+                    f" ({info.get('model')}), not {self.lm.name} ({self.lm.fingerprint}); train one for it"
+                )
         else:
             stream = data.load(limit_tokens=p.train_tokens)
 
             def train(folder):
                 block, base, info = train_block(self.lm, p, stream, data, progress=data.progress, log=data.log)
-                save_checkpoint(folder / "block.safetensors", block, base, info, stream_runs([d.ids for d in stream.docs]))
-                return {k: info[k] for k in ("train_seconds", "train_tokens", "steps", "best_step", "val_nll", "history")}
+                save_checkpoint(
+                    folder / "block.safetensors", block, base, info, stream_runs([d.ids for d in stream.docs])
+                )
+                return {
+                    k: info[k] for k in ("train_seconds", "train_tokens", "steps", "best_step", "val_nll", "history")
+                }
 
             train_key = train_fields(p)
             # fields added later are absent at their old behaviour, so blocks cached before them keep their key
@@ -192,8 +190,10 @@ class FastWeightLayers(Method):
 
     def _use(self, block, base_params: dict, info: dict):
         if block.cfg.d_in != self.lm.hidden_size or block.cfg.vocab != self.lm.vocab_size:
-            raise TTABenchError(f"FWL block is for hidden size {block.cfg.d_in} and vocabulary {block.cfg.vocab},"
-                                f" not {self.lm.name}'s {self.lm.hidden_size} and {self.lm.vocab_size}; train one for it")
+            raise TTABenchError(
+                f"FWL block is for hidden size {block.cfg.d_in} and vocabulary {block.cfg.vocab},"
+                f" not {self.lm.name}'s {self.lm.hidden_size} and {self.lm.vocab_size}; train one for it"
+            )
         self.block = block.to(self.lm.device, torch.float32).eval()  # float32 whatever the base's dtype
         for q in self.block.parameters():
             q.requires_grad_(False)
@@ -204,16 +204,13 @@ class FastWeightLayers(Method):
             with torch.no_grad():
                 for k, v in base_params.items():
                     named[k].copy_(v)
-        self.stream = FWStream(self.block, self.params.chunk)
-        cfg = self.block.cfg
-        self._tag = hashlib.sha1(repr((cfg, self.params.chunk)).encode()).hexdigest()[:8]
+        self.scope = make_scope(self.params, self.block, self.lm.device)
 
     # -- protocol -----------------------------------------------------------------------------------
     def reset(self):
-        if self.stream is not None:
-            self.stream.reset()
-        if self.gate is not None:
-            self.gate.reset()
+        if self.scope is not None:
+            self.scope.reset()
+        self.gate.reset()
 
     def _hidden(self, ids):
         return self.lm.hidden(ids, model=self.model)  # the private copy when the top blocks were fine-tuned
@@ -224,22 +221,10 @@ class FastWeightLayers(Method):
         if self.block is None:
             raise TTABenchError("fwl: score() before prepare(); the block is trained or loaded in prepare")
         n, L = seg.n, seg.ids.shape[1]
-        carried = self.params.fast_state == "document"
-        h = self._hidden(seg.ids)
-        if carried:  # only the new positions: the state holds the earlier ones
-            h = h[:, -n:]
+        h = self.scope.new_positions(self._hidden(seg.ids), n)
         base = self.lm.logits(h)
-        if carried:
-            self._record("score", (n,), self._count_score)
-            logits = self.stream.segment_logits(h.float(), base, seg.ids[:, L - n + 1:])[0]
-        else:
-            targets = torch.cat([seg.ids[:, 1:], seg.ids.new_full((1, 1), -1)], 1)
-            self._record("window", (L,), self._count_window)
-            logits = self.block(h.float(), targets, base, None, self.params.chunk)[0][0, -n:]
-        lp = F.log_softmax(logits, -1)
-        if self.gate is None:
-            return lp
-        return self.gate.mix(lp, F.log_softmax(base[0, -n:].float(), -1), seg.ids[0, L - n + 1:])
+        lp = F.log_softmax(self.scope.logits(h, base, seg.ids, n, self.ledger), -1)
+        return self.gate.mix(lp, base[0, -n:], seg.ids[0, L - n + 1 :])
 
     @torch.no_grad()
     def score(self, seg):
@@ -247,37 +232,11 @@ class FastWeightLayers(Method):
 
     @torch.no_grad()
     def adapt(self, seg):
-        if self.params.fast_state == "document":
-            self._record("commit", (1,), self._count_commit)
-            self.stream.commit(seg.targets[-1:].view(1, 1))
-        if self.gate is not None:
-            self.gate.commit(int(seg.targets[-1]))
+        self.scope.commit(seg.targets[-1:].view(1, 1), self.ledger)
+        self.gate.commit(int(seg.targets[-1]))
 
     def close(self):
         self.model = None
-
-    # -- FLOPs (SPEC 5): fvcore traces of the block's passes, once per shape ----------------------------
-    def _record(self, kind, shape, counter):
-        self.ledger.record_forward(f"fwl.{kind}", (*shape, self._tag), lambda: counter(*shape))
-
-    def _examples(self, n):
-        cfg, dev = self.block.cfg, self.lm.device
-        x = torch.zeros(1, n, cfg.d_in, device=dev)
-        base = torch.zeros(1, n, cfg.vocab, device=dev)
-        return x, base, tuple(self.block.zero_state(1, x))
-
-    def _count_score(self, n):
-        x, base, state = self._examples(n)
-        ids = torch.zeros(1, n - 1, dtype=torch.long, device=x.device)
-        return fvcore_count(score_pass(self.block, self.params.chunk, True), (x, base, ids, *state))
-
-    def _count_window(self, L):
-        x, base, _ = self._examples(L)
-        return fvcore_count(score_pass(self.block, self.params.chunk, False), (x, base, torch.zeros(1, L, dtype=torch.long, device=x.device)))
-
-    def _count_commit(self, n):
-        x, base, state = self._examples(n)
-        return fvcore_count(commit_pass(self.block), (x, base, torch.zeros(1, n, dtype=torch.long, device=x.device), *state))
 
 
 @register_method("fwl-static")
@@ -303,7 +262,9 @@ class FWLDynamicEval(FastWeightLayers):
 
     @dataclass
     class Params(FastWeightLayers.Params):
-        dyn_params: Literal["block", "all"] = "block"  # the block's weights (not its step sizes), or those and the base's
+        dyn_params: Literal["block", "all"] = (
+            "block"  # the block's weights (not its step sizes), or those and the base's
+        )
         dyn_variant: Literal["sgd", "rms"] = "sgd"
         dyn_lr: float | None = None  # null: DEFAULT_LR[dyn_variant], as dynamic-eval's lr
         dyn_decay: float = 0.0
@@ -316,7 +277,8 @@ class FWLDynamicEval(FastWeightLayers):
 
         def problems(self) -> list[str]:
             return FastWeightLayers.Params.problems(self) + update_rule_problems(
-                self.dyn_lr, self.dyn_decay, self.dyn_eps, self.n_stat_segments, prefix="dyn_")
+                self.dyn_lr, self.dyn_decay, self.dyn_eps, self.n_stat_segments, prefix="dyn_"
+            )
 
     quick_params = {**QUICK, "n_stat_segments": 2}
 
@@ -331,7 +293,7 @@ class FWLDynamicEval(FastWeightLayers):
     def __init__(self, lm, params, seed=0, protocol=None):
         super().__init__(lm, params, seed, protocol)
         self.dyn = None
-        self._pending = None
+        self._scored = None  # the last scored segment (tta_bench_methods._common.update.Scored)
 
     def prepare(self, data):
         super().prepare(data)
@@ -344,16 +306,14 @@ class FWLDynamicEval(FastWeightLayers):
             self._gradient_stats(data)
 
     def _gradient_stats(self, data):
-        from tta_bench.evaluate import Protocol
-
-        p, protocol = self.params, self.protocol or Protocol()
+        p = self.params
 
         def segment_grads(seg):
             if seg.start == 0:
                 FastWeightLayers.reset(self)
             with torch.enable_grad():
                 logprobs = self._logprobs(seg)
-            grads = self.dyn.grad(F.nll_loss(logprobs, seg.targets))
+            grads = self.dyn.nll_grads(logprobs, seg.targets)
             FastWeightLayers.adapt(self, seg)  # the state and gate take the segment's last target
             return grads
 
@@ -361,37 +321,29 @@ class FWLDynamicEval(FastWeightLayers):
         key = {"block": _digest(weights), "fast_state": p.fast_state, "chunk": p.chunk, "dyn_params": p.dyn_params}
         if p.gate != "none":
             key.update(gate=p.gate, gate_share=p.gate_share)
-        enabled, self.ledger.enabled = self.ledger.enabled, False
         try:
-            self.dyn.use_stats(rms_statistics(data, protocol, p.n_stat_segments, key, segment_grads))
+            with self.ledger.paused():
+                self.dyn.use_stats(rms_statistics(data, self.protocol, p.n_stat_segments, key, segment_grads))
         finally:
-            self.ledger.enabled = enabled
             FastWeightLayers.reset(self)
 
     def reset(self):
         super().reset()
         if self.dyn is not None:
             self.dyn.reset()
-        self._pending = None
+        self._scored = None
 
     def score(self, seg):
-        # Autograd on: adapt() differentiates these very log-probabilities (the same context and state).
-        with torch.enable_grad():
-            logprobs = self._logprobs(seg)
-        self._pending = (tuple(seg.ids.shape), seg.n, logprobs)
-        return logprobs.detach()
+        self._scored, scores = score_with_graph(self._logprobs, seg)
+        return scores
 
     def adapt(self, seg):
-        if self._pending is None or self._pending[0] != tuple(seg.ids.shape):
-            raise TTABenchError("fwl-dynamic-eval: adapt() without a matching score() of the same segment; call score first")
-        shape, n, logprobs = self._pending
-        self._pending = None
+        scored, self._scored = take_scored(self._scored, seg, "fwl-dynamic-eval"), None
         super().adapt(seg)  # first the last position joins the state, with the weights the scoring used
-        grads = self.dyn.grad(F.nll_loss(logprobs, seg.targets), self.ledger, key=(shape, n))
-        self.dyn.step(grads, self.ledger)
+        self.dyn.step_on(scored, seg.targets, self.ledger)
 
     def close(self):
-        self._pending = None
+        self._scored = None
         if self.dyn is not None:
             self.dyn.close()
         super().close()

@@ -3,12 +3,15 @@
 Training (`train_block`): the LM loss of the fast logits on the prepare split, back-propagated through
 the inner gradient (it is built from differentiable ops, so second-order terms are included). The base
 is frozen (its final hidden states come from the harness's shared pass over the prepare split) or its
-top blocks are fine-tuned. A checkpoint is a safetensors file: the block, the fine-tuned base
+top blocks are fine-tuned; the loop, with its early stopping, is the one finetune uses too
+(tta_bench_methods._common.trainer). A checkpoint is a safetensors file: the block, the fine-tuned base
 parameters and the training record; the method keeps it in the harness's cache of prepared state,
 keyed by the base model, the training configuration and the training data.
 """
+
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,7 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tta_bench.errors import TTABenchError
+from tta_bench.api.errors import TTABenchError
+from tta_bench_methods._common.selection import select_parameters
+from tta_bench_methods._common.trainer import TrainingJob, document_pairs, ema_text, hold_out, snapshot_of, train
 
 from .block import FAST, FWBlock, FWLConfig, FWState
 
@@ -84,8 +89,15 @@ class TrainConfig:
         return out
 
     def block_config(self, lm) -> FWLConfig:
-        return FWLConfig(lm.hidden_size, self.size, lm.vocab_size, self.norm or 1.0 / self.train_seq_len, fast=self.fast,
-                         timescales=tuple(self.timescales), recurrent=self.recurrent)
+        return FWLConfig(
+            lm.hidden_size,
+            self.size,
+            lm.vocab_size,
+            self.norm or 1.0 / self.train_seq_len,
+            fast=self.fast,
+            timescales=tuple(self.timescales),
+            recurrent=self.recurrent,
+        )
 
 
 def train_fields(obj) -> dict:
@@ -103,7 +115,7 @@ def training_chunk(tc) -> int:
 
 
 def save_checkpoint(path: Path, block: FWBlock, base_params: dict[str, torch.Tensor], info: dict, train_runs) -> None:
-    """`train_runs`: run hashes of the training tokens (tta_bench.separation.stream_runs), kept so
+    """`train_runs`: run hashes of the training tokens (tta_bench.checks.separation.stream_runs), kept so
     that a cell given this checkpoint can be refused when they overlap its evaluated stream."""
     from safetensors.torch import save_file
 
@@ -123,11 +135,15 @@ def load_checkpoint(path, device="cpu") -> tuple[FWBlock, dict[str, torch.Tensor
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise TTABenchError(f"FWL checkpoint {path} does not exist; fix `checkpoint`, or leave it empty to train one in prepare")
+        raise TTABenchError(
+            f"FWL checkpoint {path} does not exist; fix `checkpoint`, or leave it empty to train one in prepare"
+        )
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
-            raise TTABenchError(f"{path} is not a tta-bench FWL checkpoint (format {meta.get('format')!r}); leave `checkpoint` empty to train one")
+            raise TTABenchError(
+                f"{path} is not a tta-bench FWL checkpoint (format {meta.get('format')!r}); leave `checkpoint` empty to train one"
+            )
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     cfg = json.loads(meta["config"])
     block = FWBlock(FWLConfig(**{**cfg, "timescales": tuple(cfg.get("timescales", ()))}))
@@ -143,15 +159,21 @@ def recorded_training_runs(path) -> "np.ndarray":
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise TTABenchError(f"FWL checkpoint {path} does not exist; fix `checkpoint`, or leave it empty to train one in prepare")
+        raise TTABenchError(
+            f"FWL checkpoint {path} does not exist; fix `checkpoint`, or leave it empty to train one in prepare"
+        )
     try:
         f = safe_open(str(path), framework="pt")
     except Exception:  # safetensors' own error types
-        raise TTABenchError(f"{path} is not a tta-bench FWL checkpoint (not a safetensors file); leave `checkpoint` empty to train one") from None
+        raise TTABenchError(
+            f"{path} is not a tta-bench FWL checkpoint (not a safetensors file); leave `checkpoint` empty to train one"
+        ) from None
     with f:
         if TRAIN_RUNS not in f.keys():
-            raise TTABenchError(f"FWL checkpoint {path} has no record of its training data, so its separation from the"
-                                " evaluated text cannot be checked; retrain it (leave `checkpoint` empty)")
+            raise TTABenchError(
+                f"FWL checkpoint {path} has no record of its training data, so its separation from the"
+                " evaluated text cannot be checked; retrain it (leave `checkpoint` empty)"
+            )
         return f.get_tensor(TRAIN_RUNS).numpy().view(np.uint64)
 
 
@@ -187,12 +209,6 @@ class _Piece:
     doc: int = 0
 
 
-def _doc_inputs(stream, start_id):
-    for doc in stream.docs:
-        ids = torch.tensor(doc.ids, dtype=torch.long)
-        yield torch.cat([torch.tensor([start_id]), ids[:-1]]), ids
-
-
 def _pieces(lm, tc: TrainConfig, stream, data) -> tuple[list[_Piece], list[_Piece]]:
     """Training and validation sequences: each document cut into train_seq_len pieces; the trailing
     pieces that hold val_tokens tokens are the validation set. With a frozen base, the hidden states
@@ -200,25 +216,28 @@ def _pieces(lm, tc: TrainConfig, stream, data) -> tuple[list[_Piece], list[_Piec
     train_window tokens (protocol segment train_window, context 1), the last window on its own."""
     hidden = None
     if tc.top_blocks == 0:
-        from tta_bench.evaluate import Protocol
+        from tta_bench.protocol.evaluate import Protocol
 
         feats = data.features(stream, Protocol(tc.train_window, 1, "document"), tail="short")
         hidden = [f["hidden"].to(lm.device) for f in feats]
     pieces = []
-    for d, (inputs, targets) in enumerate(_doc_inputs(stream, lm.start_id)):
+    for d, (inputs, targets) in enumerate(document_pairs(stream, lm.start_id)):
         for s in range(0, len(inputs), tc.train_seq_len):
             e = min(s + tc.train_seq_len, len(inputs))
             # base windows start at multiples of train_window within the document
             starts = [w - s for w in range((s // tc.train_window) * tc.train_window, e, tc.train_window)]
-            pieces.append(_Piece(inputs[s:e], targets[s:e], None if hidden is None else hidden[d][s:e], starts,
-                                 None if hidden is not None else inputs, s, d))
-    val, n = [], 0
-    while pieces and n < tc.val_tokens and len(pieces) > 1:
-        val.insert(0, pieces.pop())
-        n += len(val[0].targets)
-    if not pieces:
-        raise TTABenchError("the prepare split has no tokens to train the FWL block on; give it text")
-    return pieces, val
+            pieces.append(
+                _Piece(
+                    inputs[s:e],
+                    targets[s:e],
+                    None if hidden is None else hidden[d][s:e],
+                    starts,
+                    None if hidden is not None else inputs,
+                    s,
+                    d,
+                )
+            )
+    return hold_out(pieces, tc.val_tokens, lambda piece: len(piece.targets), "train the FWL block on")
 
 
 def _piece_hidden(lm, piece: _Piece, tc: TrainConfig) -> torch.Tensor:
@@ -288,88 +307,152 @@ def _validate(lm, block, val, tc, chunk) -> tuple[float, float]:
 def train_block(lm, tc: TrainConfig, stream, data, progress: bool = True, log=print) -> tuple[FWBlock, dict, dict]:
     """Meta-train a block on `stream` (the prepare split; `data` its PrepareData); returns (block,
     fine-tuned base parameters by name, info)."""
-    from tta_bench_methods.dynamic_eval.update import select_parameters
-
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(tc.train_seed)
     torch.manual_seed(tc.train_seed)
-    train, val = _pieces(lm, tc, stream, data)
+    train_set, val = _pieces(lm, tc, stream, data)
     t_hidden = time.perf_counter() - t0
     block = init_block(lm, tc)
-    base_named = select_parameters(lm.model, f"last {tc.top_blocks}") if tc.top_blocks else []
-    flags = [p.requires_grad for _, p in base_named]
-    originals = [p.detach().clone() for _, p in base_named]
-    for _, p in base_named:
-        p.requires_grad_(True)
-    slow = [p for _, p in block.slow_parameters()] + [p for _, p in base_named]
-    groups = [{"params": slow, "lr": tc.lr}] + ([{"params": block.step_parameters(), "lr": tc.eta_lr}] if tc.fast else [])
-    opt = torch.optim.Adam(groups)
-    chunk = training_chunk(tc)
-    history = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=tc.train_steps, unit="step", desc="FWL training", mininterval=1.0, leave=False)
-    say = (bar.write if bar is not None else log) if log else (lambda s: None)
-    n_train_tokens = sum(len(p.targets) for p in train)
-    say(f"FWL training: {n_train_tokens} tokens in {len(train)} sequences, {sum(len(p.targets) for p in val)} validation"
-        f" tokens; base hidden states {t_hidden:.0f}s")
-    order: list = []
-    ema, best, states, stale = None, None, {}, 0  # states: the carried state of each lane
-
-    def validate(step):
-        nonlocal best, stale
-        v, vb = _validate(lm, block, val, tc, chunk)
-        history.append({"step": step, "val_nll": v, "val_nll_base": vb, "train_nll_ema": ema,
-                        "seconds": time.perf_counter() - t0})
-        etas = " ".join(f"{k}=" + "/".join(f"{v:.3g}" for v in block.eta[k].reshape(-1).tolist()) for k in FAST)
-        if tc.timescales:
-            etas += "; gamma " + "/".join(f"{v:.5f}" for v in block.gammas().tolist())
-        say(f"step {step}: val nll {v:.4f} (base {vb:.4f}), train {ema if ema is None else round(ema, 4)}; eta {etas}")
-        stale += 1
-        if best is None or v < best[1]:  # early stopping: keep the weights of the best validation loss
-            best, stale = (step, v, {k: t.detach().clone() for k, t in block.state_dict().items()},
-                           {n: q.detach().clone() for n, q in base_named}), 0
-
-    try:
-        if val and tc.eval_every:
-            validate(0)  # the untrained block: U starts small, so about the base model's loss
-        for step in range(1, tc.train_steps + 1):
-            if not order:
-                order = _in_order(train, train_fields(tc)["train_fast_state"], gen, tc.train_lanes)[::-1]
-            piece, fresh, lane = order.pop()
-            with torch.enable_grad():  # also when called under no_grad
-                loss, _, states[lane] = _fwl_loss(lm, block, piece, tc, chunk, None if fresh else states[lane])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(slow, 1.0)
-            opt.step()
-            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{ema:.3f}")
-            if val and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.train_steps):
-                validate(step)
-                if tc.patience and stale >= tc.patience:
-                    say(f"FWL training: stopped at step {step}, {stale} validations without improvement")
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
-        base_params = {n: q.detach().clone() for n, q in base_named}
-        with torch.no_grad():  # the shared model goes back as it was
-            for (_, p), orig, flag in zip(base_named, originals, flags):
-                p.copy_(orig)
-                p.requires_grad_(flag)
-    if best is not None:
-        block.load_state_dict(best[2])
-        base_params = best[3]
+    n_train_tokens = sum(len(p.targets) for p in train_set)
+    with _tuned_base(lm, tc.top_blocks) as base_named, _progress_bar(tc.train_steps, progress) as bar:
+        job = _training_job(lm, block, base_named, (train_set, val), tc, gen, _say(bar, log), t0)
+        job.on_step = _bar_step(bar)
+        n_val_tokens = sum(len(p.targets) for p in val)
+        job.say(
+            f"FWL training: {n_train_tokens} tokens in {len(train_set)} sequences, {n_val_tokens} validation"
+            f" tokens; base hidden states {t_hidden:.0f}s"
+        )
+        run = train(job, tc)
+        base_params = snapshot_of(base_named)  # the last step's, before the shared model is given back
+    if run.best is not None:
+        block.load_state_dict(run.best.weights[0])
+        base_params = run.best.weights[1]
     for p in block.parameters():
         p.requires_grad_(False)
-    info = {"train_seconds": time.perf_counter() - t0, "hidden_seconds": t_hidden, "train_tokens": n_train_tokens,
-            "steps": step, "best_step": best[0] if best else tc.train_steps, "val_nll": best[1] if best else None,
-            "val_tokens": sum(len(p.targets) for p in val), "history": history, "model": lm.fingerprint,
-            "model_name": lm.name, "data": [stream.task, stream.split, stream.fingerprint], "train": train_fields(tc),
-            "threads": torch.get_num_threads(), "device": str(lm.device)}
+    info = {
+        "train_seconds": time.perf_counter() - t0,
+        "hidden_seconds": t_hidden,
+        "train_tokens": n_train_tokens,
+        "steps": run.steps,
+        "best_step": run.best_step,
+        "val_nll": run.val_nll,
+        "val_tokens": sum(len(p.targets) for p in val),
+        "history": run.history,
+        "model": lm.fingerprint,
+        "model_name": lm.name,
+        "data": [stream.task, stream.split, stream.fingerprint],
+        "train": train_fields(tc),
+        "threads": torch.get_num_threads(),
+        "device": str(lm.device),
+    }
     return block.eval(), base_params, info
+
+
+def _training_job(lm, block, base_named, pieces, tc: TrainConfig, gen, say, t0) -> TrainingJob:
+    """The block's training for the shared trainer: Adam on the slow weights (and the fine-tuned base's)
+    at lr, on the step sizes and decays at eta_lr; validation on the fast logits beside the base's."""
+    train_set, val = pieces
+    slow = [p for _, p in block.slow_parameters()] + [p for _, p in base_named]
+    groups = [{"params": slow, "lr": tc.lr}]
+    if tc.fast:  # the control's step sizes stay at 0
+        groups.append({"params": block.step_parameters(), "lr": tc.eta_lr})
+    chunk = training_chunk(tc)
+
+    def validate():
+        v, vb = _validate(lm, block, val, tc, chunk)
+        return {"val_nll": v, "val_nll_base": vb}
+
+    def describe(entry):
+        return (
+            f"step {entry['step']}: val nll {entry['val_nll']:.4f} (base {entry['val_nll_base']:.4f}),"
+            f" train {ema_text(entry['train_nll_ema'])}; eta {_step_sizes(block)}"
+        )
+
+    def snapshot():
+        return {k: t.detach().clone() for k, t in block.state_dict().items()}, snapshot_of(base_named)
+
+    return TrainingJob(
+        slow,
+        torch.optim.Adam(groups),
+        _losses(lm, block, train_set, tc, chunk, gen),
+        validate if val else None,
+        snapshot,
+        describe,
+        name="FWL training",
+        say=say,
+        started=t0,
+    )
+
+
+def _losses(lm, block, pieces, tc: TrainConfig, chunk: int, gen):
+    """The trainer's next_loss: the pieces in training order (drawn again once all were used), each
+    lane's fast state carried from its previous piece."""
+    order: list = []
+    states: dict = {}  # the carried state of each lane
+
+    def next_loss():
+        if not order:
+            order.extend(_in_order(pieces, train_fields(tc)["train_fast_state"], gen, tc.train_lanes)[::-1])
+        piece, fresh, lane = order.pop()
+        loss, _, states[lane] = _fwl_loss(lm, block, piece, tc, chunk, None if fresh else states[lane])
+        return loss
+
+    return next_loss
+
+
+def _step_sizes(block: FWBlock) -> str:
+    """The block's learned step sizes (and its memory's decays) for the training log."""
+    etas = " ".join(f"{k}=" + "/".join(f"{v:.3g}" for v in block.eta[k].reshape(-1).tolist()) for k in FAST)
+    return etas + block.memory.describe(block)
+
+
+@contextlib.contextmanager
+def _tuned_base(lm, top_blocks: int):
+    """The base model's last `top_blocks` blocks' (name, parameter) pairs with gradients on (none for 0);
+    their values and requires_grad flags given back afterwards: the loaded model is shared."""
+    named = select_parameters(lm.model, f"last {top_blocks}") if top_blocks else []
+    flags = [p.requires_grad for _, p in named]
+    originals = [p.detach().clone() for _, p in named]
+    for _, p in named:
+        p.requires_grad_(True)
+    try:
+        yield named
+    finally:
+        with torch.no_grad():
+            for (_, p), orig, flag in zip(named, originals, flags):
+                p.copy_(orig)
+                p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, progress: bool):
+    """A tqdm bar over the training steps, or None."""
+    if not progress:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="step", desc="FWL training", mininterval=1.0, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _bar_step(bar):
+    """The trainer's on_step for the bar (None without one): a step done, the loss average shown."""
+    if bar is None:
+        return None
+
+    def on_step(ema):
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.3f}")
+
+    return on_step
+
+
+def _say(bar, log):
+    """Where the training log goes: above the bar when there is one, else `log` (None: nowhere)."""
+    if not log:
+        return lambda s: None
+    return bar.write if bar is not None else log

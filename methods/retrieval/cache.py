@@ -1,4 +1,5 @@
 """The continuous cache (Grave et al. 2017; SPEC 3) over the final hidden states of the stream."""
+
 from __future__ import annotations
 
 import torch
@@ -42,13 +43,13 @@ class ContinuousCache:
         h, next_tokens = h.detach(), next_tokens.detach().long()
         if self.keys is not None:
             h, next_tokens = torch.cat([self.keys, h]), torch.cat([self.values, next_tokens])
-        self.keys, self.values = h[-self.window:], next_tokens[-self.window:]
+        self.keys, self.values = h[-self.window :], next_tokens[-self.window :]
 
 
 def segment_next_tokens(seg) -> torch.Tensor:
     """The token after each of the segment's last n input positions; the last (the segment's final
     target, not an input) is unknown at scoring time and filled with 0 (no query may use it)."""
-    nxt = seg.ids[0, seg.ids.shape[1] - seg.n + 1:]
+    nxt = seg.ids[0, seg.ids.shape[1] - seg.n + 1 :]
     return torch.cat([nxt, nxt.new_zeros(1)]).long()
 
 

@@ -9,6 +9,7 @@
   trained IVF-PQ index is kept in the harness's cache of prepared state.
 - `KnnStore`: the datastore's index plus an online part (test tokens added after scoring).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tta_bench.errors import TTABenchError
+from tta_bench.api.errors import TTABenchError
 
 from .mix import masked_softmax, mix
 
@@ -82,7 +83,9 @@ def datastore(data, stream, protocol, key: str) -> tuple[np.ndarray, np.ndarray]
     """(keys (N, d) float32, values (N,) int64) over the stream: the key at every position and the
     token it predicts, in stream order, read with the cell's protocol."""
     if stream.n_tokens == 0:
-        raise TTABenchError(f"the datastore split '{stream.split}' has no tokens; give the task a prepare split with text")
+        raise TTABenchError(
+            f"the datastore split '{stream.split}' has no tokens; give the task a prepare split with text"
+        )
     if key == "ffn_input":
         _ffn_or_error(data.lm)
     feats = data.features(stream, protocol)
@@ -98,20 +101,33 @@ class KnnIndex:
     searched; `rerank` > 0 fetches rerank*k candidates by PQ distance and returns the k nearest by
     exact distance over the full-precision keys (faiss IndexRefine). Distances are squared L2."""
 
-    def __init__(self, keys: np.ndarray, kind: str = "exact", nlist: int = 1024, code_size: int = 64,
-                 nprobe: int = 32, rerank: int = 1, seed: int = 0, cached: Callable | None = None):
+    def __init__(
+        self,
+        keys: np.ndarray,
+        kind: str = "exact",
+        nlist: int = 1024,
+        code_size: int = 64,
+        nprobe: int = 32,
+        rerank: int = 1,
+        seed: int = 0,
+        cached: Callable | None = None,
+    ):
         """`cached(params, build)`: the folder of a trained IVF-PQ index (the harness's cache of prepared
         state), `build(folder)` writing index.faiss into a new one; None trains it here."""
         faiss = faiss_module()
         keys = np.ascontiguousarray(keys, dtype=np.float32)
         self.n, self.d = keys.shape
-        self.kind = "exact" if kind == "auto" and self.n < AUTO_EXACT_MAX_KEYS else ("ivfpq" if kind == "auto" else kind)
+        self.kind = (
+            "exact" if kind == "auto" and self.n < AUTO_EXACT_MAX_KEYS else ("ivfpq" if kind == "auto" else kind)
+        )
         self.nlist, self.code_size, self.nprobe, self.rerank = nlist, code_size, nprobe, rerank
         if self.kind == "ivfpq" and self.d % code_size:
             raise TTABenchError(f"code_size {code_size} must divide the key dimension {self.d}; pick a divisor")
         if self.kind == "ivfpq" and self.n < max(nlist, 256):
-            raise TTABenchError(f"IVF-PQ needs at least max(nlist, 256) keys, the datastore has {self.n};"
-                                " lower nlist or use index: exact")
+            raise TTABenchError(
+                f"IVF-PQ needs at least max(nlist, 256) keys, the datastore has {self.n};"
+                " lower nlist or use index: exact"
+            )
         flat = None
         if self.kind == "exact" or rerank > 0:
             flat = faiss.IndexFlatL2(self.d)
@@ -120,6 +136,7 @@ class KnnIndex:
         if self.kind == "exact":
             self.index, self._parts = flat, (flat,)
             return
+
         def build(folder: Path) -> dict:
             quantizer = faiss.IndexFlatL2(self.d)
             ivf = faiss.IndexIVFPQ(quantizer, self.d, nlist, code_size, 8)
@@ -245,14 +262,22 @@ class KnnPart:
         self._pending = None
 
     def prepare(self, data) -> None:
-        from tta_bench.evaluate import Protocol
+        from tta_bench.protocol.evaluate import Protocol
 
         p, protocol = self.p, self.method.protocol or Protocol()
         stream = data.load(limit_tokens=p.datastore_tokens)
         keys, values = datastore(data, stream, protocol, p.key)
         ident = {"key": p.key, "protocol": [protocol.segment_len, protocol.context_len, protocol.reset]}
-        index = KnnIndex(keys, p.index, p.nlist, p.code_size, p.nprobe, p.rerank, seed=self.method.seed,
-                         cached=lambda params, build: data.cached("knn-ivfpq", stream, {**ident, **params}, build))
+        index = KnnIndex(
+            keys,
+            p.index,
+            p.nlist,
+            p.code_size,
+            p.nprobe,
+            p.rerank,
+            seed=self.method.seed,
+            cached=lambda params, build: data.cached("knn-ivfpq", stream, {**ident, **params}, build),
+        )
         self.store = KnnStore(index, values, p.k, p.temperature)
         self.info = {"n_keys": len(values), "dim": index.d, "index": index.kind}
 

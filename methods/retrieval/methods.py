@@ -1,5 +1,6 @@
 """The retrieval methods: kNN-LM (Khandelwal et al. 2020), the continuous cache (Grave et al. 2017),
 and both together (Khandelwal et al. 2020, section 6)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +9,8 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from tta_bench.method import Method
-from tta_bench.registry import register_method
+from tta_bench.api.method import Method
+from tta_bench.api.registry import register_method
 
 from .cache import CachePart, cache_problems
 from .knn import KnnPart, knn_problems
@@ -91,6 +92,10 @@ class ContinuousCacheLM(Method):
 
     quick_params = {"window": 64}
 
+    @classmethod
+    def adapts_at_test_time(cls, params) -> bool:
+        return True  # the cache holds the evaluated stream's own recent positions
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         p = self.params
@@ -101,7 +106,7 @@ class ContinuousCacheLM(Method):
 
     @torch.no_grad()
     def score(self, seg):
-        h = self.lm.hidden(seg.ids)[0, -seg.n:]
+        h = self.lm.hidden(seg.ids)[0, -seg.n :]
         lp = F.log_softmax(self.lm.logits(h), dim=-1)
         return self.cache.apply(lp, h, seg)
 
@@ -142,6 +147,10 @@ class KnnCache(Method):
         super().__init__(*args, **kwargs)
         p = self.params
         self.cache = CachePart(self, p.window, p.theta, p.cache_lam)
+
+    @classmethod
+    def adapts_at_test_time(cls, params) -> bool:
+        return True  # the cache learns the evaluated stream, whatever the datastore does
 
     @classmethod
     def control(cls, params):

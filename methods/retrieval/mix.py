@@ -3,6 +3,7 @@
     log p = logsumexp(log(1 - lambda) + log p_lm, log(lambda) + log p_ret),
 
 where p_ret is exactly 0 (log -inf) for tokens nothing retrieved holds."""
+
 from __future__ import annotations
 
 import math

@@ -1,0 +1,136 @@
+"""The body of the dynamic-eval method (Krause et al. 2018, 2019; SPEC section 3), registered by
+`dynamic-eval` and, starting from fine-tuned weights, by `finetune-dynamic-eval`: after scoring a
+segment, one gradient step on its mean NLL, keeping the new weights. The update rule is `update.py`.
+
+Cost: the scoring forward runs with autograd on and its graph is kept until `adapt`, where the loss is
+the segment's mean NLL from those very log-probabilities (the same context the scoring used), so each
+segment costs one forward, one backward and one update.
+
+Context: by default the context is a fixed KV cache, as in Transformer-XL (which Krause et al. 2019
+adapted): its keys and values come from a no-grad forward, the segment attends to them, and the
+gradient stops there, so the backward covers the segment's positions only. `context_grad: true`
+back-propagates through the context as well (the whole window's backward). Both score identically.
+
+rms: the gradient statistics come from the first `n_stat_segments` segments of the prepare split,
+cached by the harness (keyed by model, data, protocol and the adapted parameters), so `tta-bench
+prepare` computes them once."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from tta_bench.api.errors import TTABenchError
+from tta_bench.api.method import Method
+from tta_bench.protocol.flops import dispatch_flops
+
+from .selection import parse_selection, select_parameters
+from .update import DEFAULT_LR, DynamicEvaluation, rms_statistics, score_with_graph, take_scored, update_rule_problems
+
+
+class DynamicEvalBase(Method):
+    """Dynamic evaluation: an SGD or RMS step on each segment after scoring it (registered by subclasses)."""
+
+    @dataclass
+    class Params:
+        variant: Literal["sgd", "rms"] = "sgd"
+        lr: float | None = None  # sgd: step size; rms: step per unit of normalised gradient; null: DEFAULT_LR[variant]
+        decay: float = 0.0  # pull toward the original weights at every step
+        eps: float = 1e-3  # rms: added to sqrt(ms), so a parameter with tiny gradients never takes a huge step
+        params: str = "all"  # all | last N (blocks) | a regex on parameter names
+        n_stat_segments: int = 100  # rms: prepare-split segments for the gradient statistics
+        context_grad: bool = False  # also back-propagate through the context (else its KV cache is fixed)
+
+        def __post_init__(self):
+            if self.lr is None:
+                self.lr = DEFAULT_LR.get(self.variant)
+
+        def problems(self) -> list[str]:
+            out = update_rule_problems(self.lr, self.decay, self.eps, self.n_stat_segments)
+            try:
+                parse_selection(self.params)
+            except TTABenchError as e:
+                out.append(str(e))
+            return out
+
+    quick_params = {"n_stat_segments": 2}
+
+    @classmethod
+    def adapts_at_test_time(cls, params) -> bool:
+        return True  # a gradient step on every scored segment
+
+    def __init__(self, lm, params, seed=0, protocol=None):
+        super().__init__(lm, params, seed, protocol)
+        p = self.params
+        self.names = [n for n, _ in select_parameters(lm.model, p.params)]
+        named = dict(lm.model.named_parameters())
+        try:
+            embedding = lm.model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            embedding = None  # the plain autograd gradient then
+        self.dyn = DynamicEvaluation([named[n] for n in self.names], p.variant, p.lr, p.decay, p.eps, embedding)
+        self._scored = None  # the last scored segment (update.Scored), its graph attached
+        self._segment_flops: dict = {}
+
+    def prepare(self, data):
+        if self.params.variant != "rms":
+            return
+
+        def segment_grads(seg):
+            with torch.enable_grad():
+                logprobs = self._logprobs(seg.ids, seg.n)
+            return self.dyn.nll_grads(logprobs, seg.targets)
+
+        p = self.params
+        self.dyn.use_stats(rms_statistics(data, self.protocol, p.n_stat_segments, self._stats_key(), segment_grads))
+
+    def _stats_key(self) -> dict:
+        """What the rms statistics depend on besides the model, data and protocol (their cache key)."""
+        return {"params": self.names, "context_grad": self.params.context_grad}
+
+    def reset(self):
+        self.dyn.reset()
+        self._scored = None
+
+    def score(self, seg):
+        self._scored, scores = score_with_graph(lambda s: self._logprobs(s.ids, s.n), seg)
+        return scores
+
+    def _logprobs(self, ids, n):
+        """(n, V) log-probabilities with the graph the update differentiates (see the module docstring)."""
+        lm = self.lm
+        if self.params.context_grad or ids.shape[1] == n:
+            return lm.logprobs(ids, n)
+        context = ids[:, :-n]  # an ordinary forward of the context, counted by fvcore
+        with torch.no_grad():
+            out = lm.forward(context, use_cache=True)
+        kv = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.24 | older
+        # The segment's forward attends to the cached keys and values: fvcore cannot trace it, so FlopCounterMode counts
+        # it (matmuls and attention, halved: the same convention), once per shape.
+        key = (tuple(ids.shape), n)
+        counting = lm.ledger.enabled
+        if counting and key not in self._segment_flops:  # counted on a copy, thrown away: see DynamicEvaluation.grad
+            scratch = copy.deepcopy(kv)  # the forward appends to the cache it is given
+            self._segment_flops[key] = dispatch_flops(lambda: self._segment(ids[:, -n:], scratch))
+        h = self._segment(ids[:, -n:], kv)
+        if counting:
+            lm.ledger.add("forward.body", self._segment_flops[key])
+        return F.log_softmax(lm.logits(h), dim=-1)
+
+    def _segment(self, ids, kv):
+        kw = "cache" if "cache" in inspect.signature(self.lm.body.forward).parameters else "past_key_values"
+        return self.lm.body(input_ids=ids, use_cache=True, **{kw: kv}).last_hidden_state[0]
+
+    def adapt(self, seg):
+        scored, self._scored = take_scored(self._scored, seg, "dynamic-eval"), None
+        self.dyn.step_on(scored, seg.targets, self.ledger)
+
+    def close(self):
+        """Original weights and requires_grad flags back: the loaded model is shared by later cells."""
+        self._scored = None
+        self.dyn.close()

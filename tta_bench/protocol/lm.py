@@ -1,0 +1,158 @@
+"""The language model every method works with: a Hugging Face causal LM split into its body
+(the transformer, giving final hidden states) and its head (the vocabulary projection), so methods
+can reuse hidden states and every forward is counted by the cell's FLOP ledger."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tta_bench.api.errors import TTABenchError
+from tta_bench.protocol.flops import Ledger, fvcore_count
+
+FFN_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+
+
+class _Body(torch.nn.Module):
+    """Traceable wrapper: input ids -> final hidden states."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, ids):
+        return self.body(input_ids=ids, use_cache=False).last_hidden_state
+
+
+class TokenizerAdapter:
+    """encode(text) -> (token ids, end character offset of each token)."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+
+    def encode(self, text: str) -> tuple[list[int], list[int]]:
+        enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [end for _, end in enc["offset_mapping"]]
+
+    @property
+    def bos_id(self):
+        return self.hf.bos_token_id
+
+    @property
+    def eos_id(self):
+        return self.hf.eos_token_id
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 0-255), BOS 256, EOS 257: for the tiny test model."""
+
+    vocab_size = 258
+    bos_id, eos_id = 256, 257
+
+    def encode(self, text: str) -> tuple[list[int], list[int]]:
+        ids, ends = [], []
+        for i, ch in enumerate(text):
+            b = ch.encode("utf-8")
+            ids.extend(b)
+            ends.extend([i + 1] * len(b))
+        return ids, ends
+
+
+@dataclass
+class LM:
+    model: torch.nn.Module  # the whole causal LM
+    tokenizer: object  # TokenizerAdapter or ByteTokenizer
+    name: str
+    fingerprint: str
+    window: int  # longest input the model takes
+    device: torch.device
+    dtype: torch.dtype
+    source: str = ""  # where the weights came from, for provenance
+    ledger: Ledger = field(default_factory=Ledger)
+
+    def __post_init__(self):
+        self.model.eval()
+        self.body = self.model.base_model
+        self.head = self.model.get_output_embeddings()
+        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        self._traceable_body = _Body(self.body)
+        self.vocab_size = self.head.weight.shape[0]
+
+    @property
+    def start_id(self) -> int:
+        """SPEC 1: the token that stands in for a missing beginning: BOS, else EOS."""
+        bos = self.tokenizer.bos_id
+        return bos if bos is not None else self.tokenizer.eos_id
+
+    @property
+    def hidden_size(self) -> int:
+        return self.head.weight.shape[1]
+
+    def forward(self, ids: torch.Tensor, model: torch.nn.Module | None = None, **kwargs):
+        """The body's output (a transformers model output) for (B, L) ids, counted in the ledger as one
+        forward of the body. `model`: a private copy of this LM's model that a method adapts (the same
+        architecture, so the same flops); kwargs go to the body (use_cache, past_key_values...)."""
+        shape = tuple(ids.shape)
+        self.ledger.record_forward("body", shape, lambda: self._count_body(shape))
+        body = self.body if model is None else model.base_model
+        return body(input_ids=ids, **{"use_cache": False, **kwargs})
+
+    def hidden(self, ids: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """(B, L) ids -> (B, L, d) final hidden states (after the final norm)."""
+        return self.forward(ids, model).last_hidden_state
+
+    def last_ffn(self) -> tuple[str, torch.nn.Module]:
+        """(name, module) of the feed-forward layer of the last transformer block: the blocks are the
+        ModuleList with one entry per layer (model.layers in Llama, transformer.h in GPT-2), the
+        feed-forward its last entry's mlp / feed_forward / ffn."""
+        cfg = getattr(self.model, "config", None)
+        n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers):
+                for attr in FFN_NAMES:
+                    sub = getattr(mod[len(mod) - 1], attr, None)
+                    if isinstance(sub, torch.nn.Module):
+                        return f"{name}.{len(mod) - 1}.{attr}", sub
+        raise TTABenchError(
+            f"cannot find the feed-forward layer of the last block of {type(self.model).__name__} (looked for a list"
+            f" of {n_layers} blocks with one of {', '.join(FFN_NAMES)}); use the final hidden state instead"
+        )
+
+    def hidden_and_ffn_input(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One counted forward: (final hidden states, input of the last block's feed-forward layer), each (B, L, d)."""
+        name, module = self.last_ffn()
+        seen = []
+        handle = module.register_forward_hook(
+            lambda m, args, kwargs, out: seen.append(args[0] if args else next(iter(kwargs.values()))), with_kwargs=True
+        )
+        try:
+            h = self.hidden(ids)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise TTABenchError(
+                f"{name} ran {len(seen)} times in one forward, expected once; use the final hidden state instead"
+            )
+        return h, seen[0]
+
+    def logits(self, h: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """(..., d) hidden states -> (..., V) float32 logits; `model`: a method's private copy (its own head)."""
+        shape = tuple(h.shape)
+        self.ledger.record_forward(
+            "head", shape, lambda: fvcore_count(self.head, (torch.zeros(shape, dtype=h.dtype, device=h.device),))
+        )
+        out = (self.head if model is None else model.get_output_embeddings())(h).float()
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    def logprobs(self, ids: torch.Tensor, n: int) -> torch.Tensor:
+        """Log-probabilities (n, V) of the tokens following the last n input positions (batch of 1)."""
+        h = self.hidden(ids)[0, -n:]
+        return F.log_softmax(self.logits(h), dim=-1)
+
+    def _count_body(self, shape):
+        ids = torch.zeros(shape, dtype=torch.long, device=self.device)
+        return fvcore_count(self._traceable_body, (ids,))

@@ -1,0 +1,285 @@
+"""Leaderboards from cell records (SPEC 7): one table per (task, model, protocol, limits, device),
+rows sorted by perplexity, as Markdown, CSV, JSON, a sortable HTML page, and a Pareto plot of
+perplexity against FLOPs. Several results folders merge, unless their provenance conflicts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tta_bench.api.errors import TTABenchError
+from tta_bench.results.render import markdown, html_page, plot, slug
+from tta_bench.results.files import atomic_write
+from tta_bench.results.records import CellRecord, load_cells
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def table_key(rec: CellRecord) -> tuple:
+    cfg = rec.config
+    res = rec.resolved or cfg["protocol"]  # a cell that failed early has only its config
+    limits = ", ".join(f"{k} {v}" for k, v in sorted(cfg["limits"].items()) if v) or "no limits"
+    task = cfg["task"].get("label") or f"{cfg['task']['name']}:{cfg['task']['split']}"
+    return (
+        task,
+        cfg["model"]["name"],
+        f"segment {res['segment_len']}, context {res['context_len']}, reset {res['reset']}",
+        limits,
+        rec.device,
+    )
+
+
+def _provenance(rec: CellRecord) -> dict:
+    return {
+        "harness version": rec.provenance["versions"].get("tta-bench"),
+        "data hash": rec.stream["fingerprint"],
+        "model hash": rec.resolved["model_fingerprint"],
+    }
+
+
+def _current_code() -> dict:
+    """Per cell, whether the code that computed it is this checkout's (harness, method, task); None
+    where that cannot be told (a method that is no longer registered)."""
+    from tta_bench.api.registry import code_fingerprint, harness_fingerprint
+
+    harness, cache = harness_fingerprint(), {}
+
+    def current(rec: CellRecord) -> bool | None:
+        code, method, task = rec.resume_key.get("code", {}), rec.method_name, rec.config["task"]["name"]
+        try:
+            for kind, name in (("method", method), ("task", task)):
+                if (kind, name) not in cache:
+                    cache[kind, name] = code_fingerprint(kind, name)
+        except TTABenchError:
+            return None
+        return (
+            code.get("harness") == harness
+            and code.get("method") == cache["method", method]
+            and code.get("task") == cache["task", task]
+        )
+
+    return current
+
+
+def load_records(
+    dirs: list[Path], allow_mixed: bool = False, cell_ids: set | None = None, notes: list | None = None
+) -> tuple[list[CellRecord], list[CellRecord]]:
+    """(finished cells, failed cells) of every folder (only `cell_ids` when given); one copy of a
+    cell computed twice. Refuses a table that mixes conflicting provenance, or cells computed by
+    this checkout's code with cells computed by other code (stale ones)."""
+    notes = [] if notes is None else notes
+    seen, records = set(), []
+    for d in dirs:
+        if not (Path(d) / "cells").is_dir():
+            raise TTABenchError(f"{d} has no cells/ folder; give a results folder written by `tta-bench run`")
+        for rec in load_cells(Path(d), notes):
+            if rec.cell_id not in seen and (cell_ids is None or rec.cell_id in cell_ids):
+                seen.add(rec.cell_id)
+                records.append(rec)
+    failed = [r for r in records if not r.ok]
+    records = [r for r in records if r.ok]
+    if not records and not failed:
+        raise TTABenchError(f"no cell records under {', '.join(map(str, dirs))}; run a bench first")
+    if not allow_mixed:
+        _refuse_mixed(records, notes)
+    return records, failed
+
+
+def _refuse_mixed(records: list[CellRecord], notes: list) -> None:
+    """Raise where the cells of one table disagree on provenance or on the code that computed them;
+    note a table computed entirely by other code."""
+    by_key: dict[tuple, dict[str, set]] = {}
+    current = _current_code()
+    for rec in records:
+        found = by_key.setdefault(table_key(rec), {})
+        for what, value in _provenance(rec).items():
+            found.setdefault(what, set()).add(value)
+        found.setdefault("code", set()).add({True: "this checkout's", False: "other (stale)", None: None}[current(rec)])
+    for key, found in by_key.items():
+        found["code"].discard(None)
+        for what, values in found.items():
+            if len(values) > 1:
+                raise TTABenchError(
+                    f"cells for {key[0]} · {key[1]} disagree on {what} ({', '.join(sorted(map(str, values)))});"
+                    " rerun `tta-bench run` to recompute stale cells, merge only comparable results,"
+                    " or pass --allow-mixed"
+                )
+        if found["code"] == {"other (stale)"}:
+            notes.append(f"{key[0]} · {key[1]}: every cell was computed by code other than this checkout's")
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _docs(recs: list[CellRecord]) -> tuple:
+    """(per-document nll, mean over the seeds; per-document tokens) of one setting's cells."""
+    return np.mean([r.doc_nll for r in recs], axis=0), np.array(recs[0].doc_tokens)
+
+
+def control_label(rec: CellRecord, by_label: dict[str, list[CellRecord]]) -> str | None:
+    """The label of the setting that is `rec`'s control (SPEC 3): `none` when the method names none,
+    else a cell of the named method whose resolved params include the named ones; None if absent."""
+    role = rec.role or {}
+    if not role.get("test_time"):
+        return None
+    want = role.get("control")
+    if not want:
+        return "none" if "none" in by_label else None
+    for label, recs in sorted(by_label.items()):
+        have = recs[0].resolved["method_params"]
+        if recs[0].method_name == want["method"] and all(have.get(k) == v for k, v in want["params"].items()):
+            return label
+    return None
+
+
+def rows(records: list[CellRecord], failed: list[CellRecord] = ()) -> dict[tuple, list[dict]]:
+    """Table rows per key; the seeds of one method setting give mean and std; every row is set against
+    `none` and against its control with paired bootstrap CIs over documents."""
+    groups: dict[tuple, dict[str, list[CellRecord]]] = {}
+    for rec in records:
+        groups.setdefault(table_key(rec), {}).setdefault(rec.label, []).append(rec)
+    tables = {key: _table(by_label) for key, by_label in groups.items()}
+    for rec in failed:  # listed under the table they belong to, never averaged into it
+        tables.setdefault(table_key(rec), []).append(
+            {"method": rec.label, "status": "failed", "reason": rec.reason, "log": f"cells/{rec.log}"}
+        )
+    return tables
+
+
+def _stats(recs: list[CellRecord]) -> dict:
+    """One setting's numbers, as means over its seeds (and the std of token perplexity)."""
+    ppl = [r.metrics["token_ppl"] for r in recs if r.metrics["token_ppl"] is not None]
+    costs = [r.costs for r in recs]
+    return {
+        "token_ppl": _mean(ppl),
+        "token_ppl_std": float(np.std(ppl, ddof=1)) if len(ppl) > 1 and all(map(math.isfinite, ppl)) else None,
+        "ci95_low": _mean((r.metrics["ci95"]["token_ppl"] or [None])[0] for r in recs),
+        "ci95_high": _mean((r.metrics["ci95"]["token_ppl"] or [None, None])[1] for r in recs),
+        "word_ppl": _mean(r.metrics["word_ppl"] for r in recs),
+        "bits_per_byte": _mean(r.metrics["bits_per_byte"] for r in recs),
+        "gflops_per_token": _mean(c["gflops_per_token"] for c in costs),
+        "tokens_per_s": _mean(c["tokens_per_second"] for c in costs),
+        "sec_per_token": _mean(1 / c["tokens_per_second"] for c in costs if c["tokens_per_second"]),
+        "peak_mem_mb": _mean(c["peak_memory_bytes"] / 2**20 for c in costs),
+        "prepare_s": _mean(c.get("prepare_build_seconds", c["prepare_seconds"]) for c in costs),
+        "prepare_tflops": _mean(c["prepare_flops"] / 1e12 for c in costs if "prepare_flops" in c),
+        "seeds": len(recs),
+    }
+
+
+def _table(by_label: dict[str, list[CellRecord]]) -> list[dict]:
+    """One table's rows (one per setting), sorted by perplexity."""
+    from tta_bench.protocol.metrics import paired_delta
+
+    base = _stats(by_label["none"]) if "none" in by_label else None
+    docs = {label: _docs(recs) for label, recs in by_label.items()}
+
+    def versus(label, other):
+        if other is None or other not in docs or len(docs[label][0]) != len(docs[other][0]):
+            return None
+        return paired_delta(docs[label][0], docs[other][0], docs[label][1], seed=by_label[label][0].seed)
+
+    def ratio(s, k):
+        return s[k] / base[k] if base and s[k] is not None and base[k] else None
+
+    out = []
+    for label, recs in by_label.items():
+        s, role, control = _stats(recs), recs[0].role or {}, control_label(recs[0], by_label)
+        s.update(
+            method=label,
+            kind="base" if recs[0].method_name == "none" else "TTA" if role.get("test_time", True) else "control",
+            vs_none=versus(label, "none") if label != "none" else None,
+            control=control,
+            vs_control=versus(label, control),
+            flops_x_none=ratio(s, "gflops_per_token"),
+            time_x_none=ratio(s, "sec_per_token"),
+        )
+        out.append(s)
+    return sorted(out, key=lambda r: math.inf if r["token_ppl"] is None else r["token_ppl"])
+
+
+def write_leaderboard(
+    dirs,
+    out: Path | None = None,
+    allow_mixed: bool = False,
+    readme: Path | None = None,
+    cell_ids: set | None = None,
+    log=None,
+) -> list[Path]:
+    """Write leaderboard.{md,csv,json,html} and a plot per table into `out` (default: the first
+    folder); `cell_ids`: only these cells (a run's own); `log`: where notes go (skipped files)."""
+    import pandas as pd
+
+    dirs = [Path(d) for d in (dirs if isinstance(dirs, (list, tuple)) else [dirs])]
+    out = Path(out) if out else dirs[0]
+    notes: list[str] = []
+    tables = rows(*load_records(dirs, allow_mixed, cell_ids, notes))
+    for n in notes:
+        (log or print)(f"note: {n}")
+    out.mkdir(parents=True, exist_ok=True)
+    written, plots = [], {}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        matplotlib = None
+    if matplotlib is not None:
+        for key, table in tables.items():
+            paths = plot(key, table, out / f"plot-{slug(key)}")
+            if paths:
+                plots[key] = paths[0].name
+                written += paths
+    md = out / "leaderboard.md"
+    atomic_write(md, "# tta-bench leaderboard\n\n" + markdown(tables, plots=plots))
+    flat = [
+        {"task": k[0], "model": k[1], "protocol": k[2], "limits": k[3], "device": k[4], "status": "ok", **_flat(r)}
+        for k, table in sorted(tables.items())
+        for r in table
+    ]
+    frame = pd.DataFrame(flat)
+    atomic_write(out / "leaderboard.csv", frame.to_csv(index=False))
+    atomic_write(out / "leaderboard.json", json.dumps(json.loads(frame.to_json(orient="records")), indent=1))
+    atomic_write(out / "leaderboard.html", html_page(tables, plots))
+    written += [md, out / "leaderboard.csv", out / "leaderboard.json", out / "leaderboard.html"]
+    if readme is not None:
+        readme = Path(readme)
+        update_readme(
+            readme, tables, {k: os.path.relpath(out / v, readme.resolve().parent) for k, v in plots.items()}, out
+        )
+        written.append(Path(readme))
+    return written
+
+
+def _flat(row: dict) -> dict:
+    """A row for CSV and JSON: each paired difference as its own columns."""
+    out = {k: v for k, v in row.items() if k not in ("vs_none", "vs_control")}
+    for k in ("vs_none", "vs_control"):
+        d = row.get(k) or {}
+        out.update(
+            {
+                f"delta_ppl_{k}": d.get("delta_ppl"),
+                f"delta_pct_{k}": d.get("delta_pct"),
+                f"delta_ci95_low_{k}": (d.get("ci95") or [None])[0],
+                f"delta_ci95_high_{k}": (d.get("ci95") or [None, None])[1],
+            }
+        )
+    return out
+
+
+def update_readme(readme: Path, tables: dict, plots: dict, out: Path) -> None:
+    """Replace the README's results block (between the markers) with these tables."""
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise TTABenchError(
+            f"{readme} has no {README_START} ... {README_END} block; add the two markers where the results go"
+        )
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    note = f"_Generated by `python -m tta_bench leaderboard {out} --readme {readme.name}` from the committed cell files._\n\n"
+    block = f"{README_START}\n{note}{markdown(tables, level=3, plots={k: v.replace(os.sep, '/') for k, v in plots.items()})}{README_END}"
+    atomic_write(readme, head + block + tail)
