@@ -59,7 +59,7 @@ class LocalText(Task):
 
     def is_local(self, split: str) -> bool:
         borrowed = self._borrowed(split)
-        return borrowed[0].is_local(borrowed[1]) if borrowed else True
+        return borrowed[0].split_is_local(borrowed[1]) if borrowed else True
 
     def _files(self, split: str) -> list[Path]:
         path = Path(self.cfg["splits"][split]).expanduser()
@@ -76,7 +76,7 @@ class LocalText(Task):
         except TTABenchError as e:
             return f"text task: split {split}: {e}"
         if borrowed:
-            problem = borrowed[0].problem(borrowed[1])
+            problem = borrowed[0].split_problem(borrowed[1])
             return f"text task: split {split} ({self.cfg['splits'][split]}): {problem}" if problem else None
         path = Path(self.cfg["splits"][split]).expanduser()
         if not path.exists():
@@ -91,7 +91,7 @@ class LocalText(Task):
             raise TTABenchError(problem)
         borrowed = self._borrowed(split)
         if borrowed:
-            return borrowed[0].documents(borrowed[1])
+            return borrowed[0].split_documents(borrowed[1])
         docs = []
         pattern = re.compile(self.cfg["doc_pattern"]) if self.cfg["doc_pattern"] else None
         for f in self._files(split):

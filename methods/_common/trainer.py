@@ -55,6 +55,7 @@ class TrainingRun:
     steps: int  # optimizer steps taken
     history: list[dict] = field(default_factory=list)
     best: Best | None = None
+    stopped_by: str = "step cap"  # or "patience": validation stopped improving (a plateau)
 
     @property
     def best_step(self) -> int:
@@ -136,5 +137,5 @@ def train(job: TrainingJob, cfg) -> TrainingRun:
             validation.run(step, ema)
             if cfg.patience and validation.stale >= cfg.patience:
                 job.say(f"{job.name}: stopped at step {step}, {validation.stale} validations without improvement")
-                break
+                return TrainingRun(step, validation.history, validation.best, "patience")
     return TrainingRun(step, validation.history, validation.best)

@@ -334,6 +334,7 @@ def train_block(lm, tc: TrainConfig, stream, data, progress: bool = True, log=pr
         "hidden_seconds": t_hidden,
         "train_tokens": n_train_tokens,
         "steps": run.steps,
+        "stopped_by": run.stopped_by,
         "best_step": run.best_step,
         "val_nll": run.val_nll,
         "val_tokens": sum(len(p.targets) for p in val),
@@ -360,7 +361,8 @@ def _training_job(lm, block, base_named, pieces, tc: TrainConfig, gen, say, t0) 
 
     def validate():
         v, vb = _validate(lm, block, val, tc, chunk)
-        return {"val_nll": v, "val_nll_base": vb}
+        # the learned step sizes at each validation: the report draws how they moved
+        return {"val_nll": v, "val_nll_base": vb, "eta": {k: block.eta[k].reshape(-1).tolist() for k in FAST}}
 
     def describe(entry):
         return (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,41 @@ class Task:
 
     def documents(self, split: str) -> list[Document]:
         raise NotImplementedError
+
+    # -- a range of a split's documents, e.g. valid[:4] (tuning) beside valid[4:] (prepare) ------
+    def split_documents(self, split: str) -> list[Document]:
+        """`documents`, where `split` may name a range of a split's documents: `valid[4:]`."""
+        base, part = parse_split(split)
+        docs = self.documents(base)
+        return docs if part is None else docs[part]
+
+    def split_problem(self, split: str) -> str | None:
+        """`problem`, for a split or a range of its documents."""
+        try:
+            base, _ = parse_split(split)
+        except TTABenchError as e:
+            return str(e)
+        return self.problem(base)
+
+    def split_is_local(self, split: str) -> bool:
+        return self.is_local(parse_split(split)[0])
+
+
+_RANGE = re.compile(r"^(?P<base>[^\[\]]+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
+
+
+def parse_split(split: str) -> tuple[str, slice | None]:
+    """("valid", None) for `valid`; ("valid", slice(0, 4)) for `valid[:4]`: documents 0 to 3, so that
+    tuning documents can be held out from the prepare split (`valid[4:]`) of the same file."""
+    if "[" not in split:
+        return split, None
+    m = _RANGE.match(split)
+    if m is None:
+        raise TTABenchError(f"split {split!r}: write a range of documents as name[start:stop], e.g. valid[:4]")
+    start, stop = (int(m[k]) if m[k] else None for k in ("start", "stop"))
+    if start is not None and stop is not None and stop <= start:
+        raise TTABenchError(f"split {split!r} holds no document; the stop must exceed the start")
+    return m["base"], slice(start, stop)
 
 
 def default_data_roots() -> list[Path]:

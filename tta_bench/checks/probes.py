@@ -79,7 +79,7 @@ class CheckData:
         from tta_bench.protocol.stream import tokenize
 
         return tokenize(
-            self._task().documents(self.split),
+            self._task().split_documents(self.split),
             self.lm.tokenizer,
             self.entry["name"],
             self.split,
@@ -93,7 +93,7 @@ class CheckData:
         from tta_bench.protocol.stream import Stream, TokenizedDoc, tokenize
 
         docs, found = [], []
-        for doc in self._task().documents(self.split):
+        for doc in self._task().split_documents(self.split):
             if len(docs) == len(lengths):
                 break
             ids = tokenize([doc], self.lm.tokenizer, "", "").docs

@@ -55,6 +55,7 @@ class _Timer:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.spans: list = []
+        self.charged: list[float] = []  # per segment: seconds of shared base passes it read (shared_pass.py)
 
     def start(self):
         if self.cuda:
@@ -63,7 +64,8 @@ class _Timer:
             return ev
         return time.perf_counter()
 
-    def stop(self, t0):
+    def stop(self, t0, charged: float = 0.0):
+        self.charged.append(charged)
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
@@ -74,8 +76,8 @@ class _Timer:
     def seconds(self) -> list[float]:
         if self.cuda:
             torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1000 for a, b in self.spans]
-        return list(self.spans)
+            return [a.elapsed_time(b) / 1000 + c for (a, b), c in zip(self.spans, self.charged)]
+        return [s + c for s, c in zip(self.spans, self.charged)]
 
 
 @dataclass
@@ -117,6 +119,7 @@ def evaluate(
             method.reset()
         seg.ids = seg.ids.to(device)
         targets = targets.to(device)
+        method.lm.take_charged_seconds()  # only what this segment reads counts for it
         t0 = timer.start()
         logprobs = method.score(seg)
         if logprobs.shape != (seg.n, method.lm.vocab_size):
@@ -129,7 +132,7 @@ def evaluate(
             observer(seg, logprobs.detach(), targets)
         seg.targets = targets
         method.adapt(seg)
-        timer.stop(t0)
+        timer.stop(t0, method.lm.take_charged_seconds())
         pending.append((seg.doc, nll))
         seg_tokens.append(seg.n)
         if len(pending) >= 32:

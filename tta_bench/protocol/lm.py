@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from tta_bench.api.errors import TTABenchError
 from tta_bench.protocol.flops import Ledger, fvcore_count
+from tta_bench.protocol.shared_pass import SharedPasses, Stopwatch
 
 FFN_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 
@@ -71,6 +72,9 @@ class LM:
     dtype: torch.dtype
     source: str = ""  # where the weights came from, for provenance
     ledger: Ledger = field(default_factory=Ledger)
+    # passes of the frozen base model shared across cells (shared_pass.py); None: every call computes
+    passes: SharedPasses | None = None
+    charged_seconds: float = 0.0  # seconds of shared passes served since the last take_charged_seconds()
 
     def __post_init__(self):
         self.model.eval()
@@ -101,7 +105,32 @@ class LM:
 
     def hidden(self, ids: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         """(B, L) ids -> (B, L, d) final hidden states (after the final norm)."""
-        return self.forward(ids, model).last_hidden_state
+        if model is not None or self.passes is None:
+            return self.forward(ids, model).last_hidden_state
+        return self._shared(ids, need_ffn=False)[0]
+
+    def take_charged_seconds(self) -> float:
+        """The seconds of the shared passes served since the last call: the evaluation adds them to the
+        segment's time, so a cell is timed for the pass it read as if it had run it."""
+        seconds, self.charged_seconds = self.charged_seconds, 0.0
+        return seconds
+
+    def _shared(self, ids: torch.Tensor, need_ffn: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, ffn input or None) from a shared pass of the frozen model, computed when none fits."""
+        key = self.passes.key(self.model, ids)
+        found = self.passes.get(key, need_ffn)
+        if found is not None:
+            shape = tuple(ids.shape)
+            self.ledger.record_forward("body", shape, lambda: self._count_body(shape))
+            self.charged_seconds += found.seconds
+            # copies: what a method does to its tensors never reaches the shared pass
+            ffn = None if found.ffn_input is None else found.ffn_input.to(self.device, copy=True)
+            return found.hidden.to(self.device, copy=True), ffn
+        with Stopwatch(self.device) as watch:
+            h, f = self._hidden_and_ffn_input(ids) if need_ffn else (self.forward(ids).last_hidden_state, None)
+        if key is not None:
+            self.passes.put(key, h, f, watch.seconds)
+        return h, f
 
     def last_ffn(self) -> tuple[str, torch.nn.Module]:
         """(name, module) of the feed-forward layer of the last transformer block: the blocks are the
@@ -122,13 +151,16 @@ class LM:
 
     def hidden_and_ffn_input(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One counted forward: (final hidden states, input of the last block's feed-forward layer), each (B, L, d)."""
+        return self._shared(ids, need_ffn=True) if self.passes is not None else self._hidden_and_ffn_input(ids)
+
+    def _hidden_and_ffn_input(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         name, module = self.last_ffn()
         seen = []
         handle = module.register_forward_hook(
             lambda m, args, kwargs, out: seen.append(args[0] if args else next(iter(kwargs.values()))), with_kwargs=True
         )
         try:
-            h = self.hidden(ids)
+            h = self.forward(ids).last_hidden_state
         finally:
             handle.remove()
         if len(seen) != 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 from dataclasses import dataclass
 
 from tta_bench.api.task import Document
@@ -29,6 +30,7 @@ class Stream:
     docs: list[TokenizedDoc]
     fingerprint: str = ""
     cut: bool = False  # the last document was cut short by a token limit
+    draw: dict | None = None  # which documents were chosen, and among how many (Draw)
 
     @property
     def n_tokens(self) -> int:
@@ -43,9 +45,14 @@ def tokenize(
     limit_docs: int | None = None,
     limit_tokens: int | None = None,
     doc_tokens: int | None = None,
+    draw: "Draw | None" = None,
 ) -> Stream:
     """Tokenize documents in order, keeping boundaries; cut deterministically at the limits
-    (`doc_tokens`: each document's first tokens only, so a short prefix still spans many documents)."""
+    (`doc_tokens`: each document's first tokens only, so a short prefix still spans many documents).
+    With a `draw`, the documents are first chosen among those long enough (see Draw), in stream order."""
+    if draw is not None:
+        docs, draw_record = draw.choose(docs, tokenizer, limit_docs)
+        limit_docs = None
     out: list[TokenizedDoc] = []
     total, cut = 0, False
     h = hashlib.sha256()
@@ -64,4 +71,37 @@ def tokenize(
         total += len(ids)
         if limit_tokens is not None and total >= limit_tokens:
             break
-    return Stream(task, split, out, h.hexdigest()[:16], cut)
+    # the fingerprint hashes the documents chosen: two draws of the same documents are one stream
+    return Stream(task, split, out, h.hexdigest()[:16], cut, draw_record if draw is not None else None)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Which documents a stream holds: those of at least `min_tokens` tokens (all of them: 1), then
+    `random`ly `docs` of them (seeded by `seed`) or the `first` ones, kept in stream order.
+
+    A study's documents are a sample, not the head of a file (SPEC 4): a paired interval over the first
+    few articles describes those articles, a random draw describes the split. The record of the draw
+    (the indices chosen among how many were long enough) goes into every cell."""
+
+    how: str = "first"  # first | random
+    min_tokens: int = 1
+    seed: int = 0
+
+    def choose(self, docs: list[Document], tokenizer, n: int | None) -> tuple[list[Document], dict]:
+        lengths = [len(tokenizer.encode(d.text)[0]) for d in docs]
+        eligible = [i for i, n_tok in enumerate(lengths) if n_tok >= self.min_tokens]
+        if self.how == "random":
+            chosen = sorted(random.Random(self.seed).sample(eligible, min(n or len(eligible), len(eligible))))
+        else:
+            chosen = eligible[:n] if n else eligible
+        record = {
+            "how": self.how,
+            "seed": self.seed if self.how == "random" else None,
+            "min_doc_tokens": self.min_tokens,
+            "documents_in_split": len(docs),
+            "long_enough": len(eligible),
+            "asked": n,
+            "chosen": chosen,
+        }
+        return [docs[i] for i in chosen], record

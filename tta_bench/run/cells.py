@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from tta_bench.run.config import Cell
-from tta_bench.protocol.stream import Stream, tokenize
+from tta_bench.protocol.stream import Draw, Stream, tokenize
 from tta_bench.api.errors import TTABenchError
 from tta_bench.api.method import Method, method_class
 from tta_bench.prepare.prepared import PrepareData
@@ -48,6 +48,13 @@ def resolve_protocol(cell_protocol: dict, lm):
     return Protocol(cell_protocol["segment_len"], ctx, cell_protocol["reset"])
 
 
+def draw_of(limits: dict) -> Draw | None:
+    """The limits' document draw (limits.draw, draw_seed, min_doc_tokens); None: the first documents."""
+    if limits.get("draw", "first") == "first" and not limits.get("min_doc_tokens"):
+        return None
+    return Draw(limits.get("draw") or "first", limits.get("min_doc_tokens") or 1, limits.get("draw_seed") or 0)
+
+
 class StreamCache:
     """Tokenized streams per (model tokenizer, task entry, split, limits)."""
 
@@ -57,7 +64,7 @@ class StreamCache:
     def get(self, lm, task_entry: dict, split: str, limits: dict) -> Stream:
         key = (lm.fingerprint, json.dumps(task_entry, sort_keys=True), split, json.dumps(limits, sort_keys=True))
         if key not in self.cache:
-            docs = get("task", task_entry["name"])(**task_entry["params"]).documents(split)
+            docs = get("task", task_entry["name"])(**task_entry["params"]).split_documents(split)
             # the same text read by two tasks (a text task borrowing WikiText-2 valid) is tokenized once
             text = hashlib.sha256(json.dumps([(d.title, d.text) for d in docs]).encode()).hexdigest()
             same = (lm.fingerprint, text, json.dumps(limits, sort_keys=True))
@@ -70,6 +77,7 @@ class StreamCache:
                     limits.get("docs"),
                     limits.get("tokens"),
                     limits.get("doc_tokens"),
+                    draw_of(limits),
                 )
             self.cache[key] = dataclasses.replace(self.cache[same], task=task_entry["name"], split=split)
         return self.cache[key]

@@ -36,6 +36,7 @@ class Selection:
 def split_entry(entry: dict) -> tuple[dict, Selection | None]:
     """A method entry of the bench config as a cell holds it: the setting (name, params, label) and,
     for a `select_on` entry, its selection apart."""
+    entry = {k: v for k, v in entry.items() if k != "seeds"}  # the cell holds its one seed apart
     if "grid" not in entry:
         return entry, None
     return {k: v for k, v in entry.items() if k not in ("grid", "select_on")}, Selection(
@@ -219,8 +220,11 @@ def load(path: str) -> BenchConfig:
 def expand(cfg: BenchConfig, device: str) -> list[Cell]:
     """The grid, `none` first in each (model, task) so ratios to it come from the same run."""
     cells = []
-    for model, task, seed in itertools.product(cfg.models, cfg.tasks, cfg.seeds):
+    seeds = list(dict.fromkeys([*cfg.seeds, *(s for m in cfg.methods for s in m.get("seeds", []))]))
+    for model, task, seed in itertools.product(cfg.models, cfg.tasks, seeds):
         for entry in sorted(cfg.methods, key=lambda m: m["name"] != "none"):
+            if seed not in entry.get("seeds", cfg.seeds):
+                continue
             method, selection = split_entry(copy.deepcopy(entry))
             cells.append(
                 Cell(

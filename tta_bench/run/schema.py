@@ -34,7 +34,9 @@ TOP_KEYS = {
 }
 PROTOCOL_KEYS = {"segment_len", "context_len", "reset"}
 LIMIT_KEYS = {"docs", "tokens", "doc_tokens"}
+DRAW_KEYS = {"min_doc_tokens", "draw", "draw_seed"}  # which documents: written into the config only when set
 TASK_KEYS = {"name", "label", "split", "prepare_split"}
+METHOD_KEYS = {"name", "label", "select_on", "seeds"}  # a method entry's keys that are not its params
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_SEED = 2**32 - 1
 
@@ -117,13 +119,20 @@ def _validate_scalars(raw: dict, cfg: BenchConfig) -> list[str]:
     )
 
 
-def _validate_seeds(raw: dict, cfg: BenchConfig) -> list[str]:
-    seeds = raw.get("seeds", [0])
+def seed_list(seeds, where: str) -> tuple[list[int] | None, str | None]:
+    """A seed or a list of distinct seeds, as a list; or the one-line problem."""
     seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
     if not isinstance(seeds, list) or not seeds or not all(map(_is_seed, seeds)):
-        return [f"seeds: must be an integer in [0, {MAX_SEED}] (numpy's seed range) or a non-empty list of them"]
+        return None, f"{where}: must be an integer in [0, {MAX_SEED}] (numpy's seed range) or a non-empty list of them"
     if len(set(seeds)) < len(seeds):
-        return ["seeds: a seed is listed twice; list each once"]
+        return None, f"{where}: a seed is listed twice; list each once"
+    return seeds, None
+
+
+def _validate_seeds(raw: dict, cfg: BenchConfig) -> list[str]:
+    seeds, problem = seed_list(raw.get("seeds", [0]), "seeds")
+    if problem:
+        return [problem]
     cfg.seeds = seeds
     return []
 
@@ -157,13 +166,21 @@ def _validate_protocol(raw: dict, cfg: BenchConfig) -> list[str]:
 
 def _validate_limits(raw: dict, cfg: BenchConfig) -> list[str]:
     limits, problems = _mapping(raw, "limits")
-    problems += unknown_keys(limits, LIMIT_KEYS, "limits.")
+    problems += unknown_keys(limits, LIMIT_KEYS | DRAW_KEYS, "limits.")
     problems += [
         f"limits.{k}: must be a positive integer or null, got {limits[k]!r}"
-        for k in LIMIT_KEYS
+        for k in sorted(LIMIT_KEYS | {"min_doc_tokens"})
         if limits.get(k) is not None and not _is_pos_int(limits[k])
     ]
+    if limits.get("draw", "first") not in ("first", "random"):
+        problems.append(f"limits.draw: must be first or random, got {limits['draw']!r}")
+    if "draw_seed" in limits and not _is_seed(limits["draw_seed"]):
+        problems.append(f"limits.draw_seed: must be an integer from 0 to {MAX_SEED}, got {limits['draw_seed']!r}")
     cfg.limits = {k: limits.get(k) for k in sorted(LIMIT_KEYS)}
+    # a bench that draws no documents keeps the config (and the cell ids) it always had
+    if limits.get("draw", "first") != "first" or limits.get("min_doc_tokens"):
+        cfg.limits.update({"draw": limits.get("draw", "first"), "draw_seed": limits.get("draw_seed", 0)})
+        cfg.limits["min_doc_tokens"] = limits.get("min_doc_tokens") or 1
     return problems
 
 
@@ -237,7 +254,7 @@ def _task_entry(t: dict, where: str) -> tuple[dict | None, list[str]]:
     if bad:
         return None, bad
     task, split = task_cls(**params), t.get("split", "test")
-    problem = task.problem(split)
+    problem = task.split_problem(split)
     if problem:
         return None, [f"{where}: {problem}"]
     prep = t.get("prepare_split") or task.prepare_split(split)
@@ -257,9 +274,9 @@ def _prepare_split_problems(task, t: dict, split: str, prep: str | None, where: 
 
     if prep == split:
         return [f"{where}.prepare_split: must differ from the evaluated split '{split}' (SPEC 2)"]
-    if t.get("prepare_split") and task.problem(prep):
-        return [f"{where}.prepare_split: {task.problem(prep)}"]
-    if prep is not None and task.is_local(split) and task.is_local(prep):
+    if t.get("prepare_split") and task.split_problem(prep):
+        return [f"{where}.prepare_split: {task.split_problem(prep)}"]
+    if prep is not None and task.split_is_local(split) and task.split_is_local(prep):
         problem = check_task_text(task, split, prep, where)
         return [problem] if problem else []
     return []
@@ -285,8 +302,13 @@ def _method_entries(m: dict, where: str, tasks: list[dict]) -> tuple[list[dict],
         cls = method_class(m["name"])
     except TTABenchError as e:
         return [], [f"{where}: {e}"]
-    axes = {k: (v if isinstance(v, list) else [v]) for k, v in m.items() if k not in ("name", "label", "select_on")}
+    axes = {k: (v if isinstance(v, list) else [v]) for k, v in m.items() if k not in METHOD_KEYS}
     select_on, label = m.get("select_on"), ({"label": m["label"]} if "label" in m else {})
+    # a method's own seeds (a trained method run at several) replace the bench's for its cells
+    seeds, problem = seed_list(m["seeds"], f"{where}.seeds") if "seeds" in m else (None, None)
+    if problem:
+        return [], [problem]
+    own = {"seeds": seeds} if seeds else {}
     if select_on is not None and not (isinstance(select_on, str) and select_on):
         return [], [f"{where}.select_on: must be a split name, e.g. valid"]
     problems = [] if select_on is None else _select_on_problems(select_on, where, tasks)
@@ -295,11 +317,12 @@ def _method_entries(m: dict, where: str, tasks: list[dict]) -> tuple[list[dict],
     grid, errs = _grid(cls, axes, where)
     _add_new(problems, errs)
     if select_on is None:
-        return [_setting_entry(cls.registry_name, given, m, axes) for given in grid], problems
+        return [{**_setting_entry(cls.registry_name, given, m, axes), **own} for given in grid], problems
     if not grid:
         return [], problems
     fixed = {k: grid[0][k] for k, v in axes.items() if len(v) == 1}
-    return [{"name": cls.registry_name, "params": fixed, "grid": grid, "select_on": select_on, **label}], problems
+    entry = {"name": cls.registry_name, "params": fixed, "grid": grid, "select_on": select_on, **label}
+    return [{**entry, **own}], problems
 
 
 def _setting_entry(name: str, given: dict, m: dict, axes: dict) -> dict:
@@ -324,8 +347,10 @@ def _grid(cls, axes: dict, where: str) -> tuple[list[dict], list[str]]:
 
 
 def _select_on_problems(select_on: str, where: str, tasks: list[dict]) -> list[str]:
-    """A selection split is never a task's evaluated split, and every task has it."""
+    """A selection split is never a task's evaluated split, every task has it, and it shares no text
+    with the prepare split (the tuning documents are held out from what prepare sees: SPEC 4)."""
     from tta_bench.api import registry
+    from tta_bench.checks.separation import check_task_text
 
     problems = []
     for t in tasks:
@@ -335,9 +360,18 @@ def _select_on_problems(select_on: str, where: str, tasks: list[dict]) -> list[s
                 " select on another split (e.g. valid)"
             )
             continue
-        problem = registry.get("task", t["name"])(**t["params"]).problem(select_on)
+        task = registry.get("task", t["name"])(**t["params"])
+        problem = task.split_problem(select_on)
+        prep = t["prepare_split"]
+        if (
+            not problem
+            and prep not in (None, select_on)
+            and task.split_is_local(select_on)
+            and task.split_is_local(prep)
+        ):
+            problem = check_task_text(task, select_on, prep, f"{where}.select_on")
         if problem:
-            problems.append(f"{where}.select_on: {problem}")
+            problems.append(problem if problem.startswith(where) else f"{where}.select_on: {problem}")
     return problems
 
 
