@@ -118,6 +118,7 @@ def train_finetune(lm, cfg: FinetuneConfig, stream, log=print) -> tuple[dict[str
     info = {
         "train_seconds": time.perf_counter() - t0,
         "steps": run.steps,
+        "stopped_by": run.stopped_by,
         "best_step": run.best_step,
         "val_nll": run.val_nll,
         "history": run.history,
@@ -210,8 +211,8 @@ class FinetuneDynamicEval(DynamicEvalBase):
         with torch.no_grad():
             for k, v in tensors.items():
                 named[k].copy_(v)
-        # the adapted weights start, and reset, at the fine-tuned values
-        self.dyn.originals = [named[n].detach().clone() for n in self.names]
+        if self.adapter is None:  # the adapted weights start, and reset, at the fine-tuned values (lora: B = 0)
+            self.dyn.originals = [named[n].detach().clone() for n in self.names]
         super().prepare(data)
 
     def _stats_key(self) -> dict:

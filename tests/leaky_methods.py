@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tta_bench import register_method
 from tta_bench.api.method import Method
+from tta_bench_methods.ttt.method import TTTNearest
 
 
 @register_method("leaky-peek")
@@ -193,3 +194,16 @@ class NoReset(KeepsWeights):
     def close(self):
         with torch.no_grad():
             self.lm.head.weight.copy_(self.w0)
+
+
+@register_method("leaky-ttt-query-first")
+class TTTQueryFirst(TTTNearest):
+    """Leaky: ttt-nn in Hardt & Sun's order: retrieves with the segment about to be scored and steps on
+    its nearest chunks before scoring it (the query holds tokens not yet scored)."""
+
+    def score(self, seg):
+        self.train_on(self.choose(seg))
+        return super().score(seg)
+
+    def adapt(self, seg):
+        pass

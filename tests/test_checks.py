@@ -202,6 +202,17 @@ def test_adapting_before_scoring_fails_causality_from_the_segment_start(tiny_lm,
             assert f"{int((change > S.atol).sum())} of {t + 1} positions <= t changed" in msg
 
 
+def test_retrieving_with_a_segment_before_scoring_it_fails_causality_from_the_segment_start(tiny_lm, task, leaky):
+    """ttt-nn in Hardt & Sun's order (the query holds the segment being scored): wherever the
+    perturbation changes the chunks retrieved, the steps before scoring move the segment's first row."""
+    problems = _passed_except(check_method(tiny_lm, "leaky-ttt-query-first", {}, task), "causality")
+    assert problems  # the same method, score first, passes (test_every_registered_method_passes_every_check)
+    for msg in problems:
+        t = int(re.search(r"t=(\d+)", msg).group(1))
+        seg_start = t - t % S.segment_len if t < S.doc_lengths[0] else t
+        assert f"the distribution at position {seg_start} " in msg
+
+
 def test_an_unnormalised_distribution_fails_normalisation_at_its_position(tiny_lm, task, leaky):
     shift = 0.25
     report = check_method(tiny_lm, "leaky-unnormalised", {"shift": shift, "doc": 1, "token": 5}, task)

@@ -13,10 +13,20 @@ back-propagates through the context as well (the whole window's backward). Both 
 
 rms: the gradient statistics come from the first `n_stat_segments` segments of the prepare split,
 cached by the harness (keyed by model, data, protocol and the adapted parameters), so `tta-bench
-prepare` computes them once."""
+prepare` computes them once.
+
+Low-rank (`params: lora`, SPEC 3): the adapted parameters are low-rank adapters (lora.py: W + (alpha /
+rank) B A on the linear layers `lora_targets` names, A seeded by the cell's seed, B = 0), the base
+weights frozen; a reset puts B back to 0 (and A to its init), so the update is dropped; `decay` pulls
+A and B toward those values, i.e. the update B A toward 0. rms statistics are gathered, like the first
+step's gradient, with the adapter at its start: there B = 0, so A's gradient B^T dL/dh is exactly 0
+and its ms is 0; A's denominator is then eps alone, i.e. A takes SGD steps of size lr / eps, while B's
+are normalised by real statistics. The backward runs through the whole network to reach the early
+layers' adapters, but computes no gradient of a base weight (counted by FlopCounterMode as it runs)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from dataclasses import dataclass
@@ -29,6 +39,7 @@ from tta_bench.api.errors import TTABenchError
 from tta_bench.api.method import Method
 from tta_bench.protocol.flops import dispatch_flops
 
+from .lora import DEFAULT_TARGETS, LoraAdapter, lora_problems
 from .selection import parse_selection, select_parameters
 from .update import DEFAULT_LR, DynamicEvaluation, rms_statistics, score_with_graph, take_scored, update_rule_problems
 
@@ -42,9 +53,12 @@ class DynamicEvalBase(Method):
         lr: float | None = None  # sgd: step size; rms: step per unit of normalised gradient; null: DEFAULT_LR[variant]
         decay: float = 0.0  # pull toward the original weights at every step
         eps: float = 1e-3  # rms: added to sqrt(ms), so a parameter with tiny gradients never takes a huge step
-        params: str = "all"  # all | last N (blocks) | a regex on parameter names
+        params: str = "all"  # all | last N (blocks) | a regex on parameter names | lora (low-rank adapters)
         n_stat_segments: int = 100  # rms: prepare-split segments for the gradient statistics
         context_grad: bool = False  # also back-propagate through the context (else its KV cache is fixed)
+        lora_rank: int = 8  # params lora: the adapters' rank
+        lora_alpha: float = 16.0  # params lora: the update is (lora_alpha / lora_rank) * B A
+        lora_targets: str = DEFAULT_TARGETS  # params lora: a regex on the names of the linear layers adapted
 
         def __post_init__(self):
             if self.lr is None:
@@ -52,11 +66,7 @@ class DynamicEvalBase(Method):
 
         def problems(self) -> list[str]:
             out = update_rule_problems(self.lr, self.decay, self.eps, self.n_stat_segments)
-            try:
-                parse_selection(self.params)
-            except TTABenchError as e:
-                out.append(str(e))
-            return out
+            return out + selection_problems(self.params, self.lora_rank, self.lora_alpha, self.lora_targets)
 
     quick_params = {"n_stat_segments": 2}
 
@@ -67,13 +77,14 @@ class DynamicEvalBase(Method):
     def __init__(self, lm, params, seed=0, protocol=None):
         super().__init__(lm, params, seed, protocol)
         p = self.params
-        self.names = [n for n, _ in select_parameters(lm.model, p.params)]
-        named = dict(lm.model.named_parameters())
-        try:
-            embedding = lm.model.get_input_embeddings()
-        except (AttributeError, NotImplementedError):
-            embedding = None  # the plain autograd gradient then
-        self.dyn = DynamicEvaluation([named[n] for n in self.names], p.variant, p.lr, p.decay, p.eps, embedding)
+        self.names, tensors, self.adapter = adapted_parameters(lm.model, p, seed)
+        embedding = None
+        if self.adapter is None:
+            try:
+                embedding = lm.model.get_input_embeddings()
+            except (AttributeError, NotImplementedError):
+                pass  # the plain autograd gradient then
+        self.dyn = DynamicEvaluation(tensors, p.variant, p.lr, p.decay, p.eps, embedding)
         self._scored = None  # the last scored segment (update.Scored), its graph attached
         self._segment_flops: dict = {}
 
@@ -91,7 +102,10 @@ class DynamicEvalBase(Method):
 
     def _stats_key(self) -> dict:
         """What the rms statistics depend on besides the model, data and protocol (their cache key)."""
-        return {"params": self.names, "context_grad": self.params.context_grad}
+        p, lora = self.params, {}
+        if self.adapter is not None:  # A's init (the seed) and the scale change every gradient
+            lora = {"lora": [p.lora_rank, p.lora_alpha, self.seed]}
+        return {"params": self.names, "context_grad": p.context_grad, **lora}
 
     def reset(self):
         self.dyn.reset()
@@ -105,22 +119,33 @@ class DynamicEvalBase(Method):
         """(n, V) log-probabilities with the graph the update differentiates (see the module docstring)."""
         lm = self.lm
         if self.params.context_grad or ids.shape[1] == n:
-            return lm.logprobs(ids, n)
+            # lm.forward, never a pass of the base model shared across cells: with an adapter this is
+            # not the base model, and a hook is no parameter whose version could tell
+            self._count_adapter(ids.shape)
+            return F.log_softmax(lm.logits(lm.forward(ids).last_hidden_state[0, -n:]), dim=-1)
         context = ids[:, :-n]  # an ordinary forward of the context, counted by fvcore
+        self._count_adapter(context.shape)
         with torch.no_grad():
             out = lm.forward(context, use_cache=True)
         kv = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.24 | older
         # The segment's forward attends to the cached keys and values: fvcore cannot trace it, so FlopCounterMode counts
-        # it (matmuls and attention, halved: the same convention), once per shape.
+        # it (matmuls and attention, halved: the same convention), once per shape; the adapter's part apart.
         key = (tuple(ids.shape), n)
         counting = lm.ledger.enabled
         if counting and key not in self._segment_flops:  # counted on a copy, thrown away: see DynamicEvaluation.grad
             scratch = copy.deepcopy(kv)  # the forward appends to the cache it is given
-            self._segment_flops[key] = dispatch_flops(lambda: self._segment(ids[:, -n:], scratch))
+            with self.adapter.disabled() if self.adapter is not None else contextlib.nullcontext():
+                self._segment_flops[key] = dispatch_flops(lambda: self._segment(ids[:, -n:], scratch))
         h = self._segment(ids[:, -n:], kv)
         if counting:
             lm.ledger.add("forward.body", self._segment_flops[key])
+            self._count_adapter((ids.shape[0], n))
         return F.log_softmax(lm.logits(h), dim=-1)
+
+    def _count_adapter(self, shape):
+        """The adapter's part of a body forward on `shape` (the LM's trace and the segment's count see the base only)."""
+        if self.adapter is not None:
+            self.adapter.count_forward(self.ledger, shape)
 
     def _segment(self, ids, kv):
         kw = "cache" if "cache" in inspect.signature(self.lm.body.forward).parameters else "past_key_values"
@@ -134,3 +159,26 @@ class DynamicEvalBase(Method):
         """Original weights and requires_grad flags back: the loaded model is shared by later cells."""
         self._scored = None
         self.dyn.close()
+        if self.adapter is not None:
+            self.adapter.remove()
+
+
+def selection_problems(spec: str, rank: int, alpha: float, targets: str) -> list[str]:
+    """Config problems of `params` (all | last N | a regex | lora) and, for lora, of the adapter's settings."""
+    if spec.strip().lower() == "lora":
+        return lora_problems(rank, alpha, targets)
+    try:
+        parse_selection(spec)
+    except TTABenchError as e:
+        return [str(e)]
+    return []
+
+
+def adapted_parameters(model, p, seed: int) -> tuple[list[str], list[torch.Tensor], LoraAdapter | None]:
+    """(names, tensors, adapter) of what `p.params` adapts: the model's own parameters it selects
+    (adapter None), or with `lora` the A and B of new low-rank adapters on the model (lora.py)."""
+    if p.params.strip().lower() == "lora":
+        adapter = LoraAdapter(model, p.lora_targets, p.lora_rank, p.lora_alpha, seed)
+        return [f"{n}.lora_{ab}" for n in adapter.names for ab in "AB"], adapter.params, adapter
+    named = select_parameters(model, p.params)
+    return [n for n, _ in named], [t for _, t in named], None

@@ -80,14 +80,17 @@ class DynamicEvaluation:
         decay: float = 0.0,
         eps: float = 1e-5,
         embedding: torch.nn.Module | None = None,
+        originals: Sequence[torch.Tensor] | None = None,
     ):
+        """`originals`: the values a reset restores and decay pulls toward, never written (default: a
+        copy of the parameters now)."""
         if variant not in VARIANTS:
             raise TTABenchError(f"dynamic evaluation variant '{variant}' is unknown; use one of {', '.join(VARIANTS)}")
         self.params = list(params)
         if not self.params:
             raise TTABenchError("dynamic evaluation needs at least one parameter to adapt")
         self.variant, self.lr, self.decay, self.eps = variant, float(lr), float(decay), float(eps)
-        self.originals = [p.detach().clone() for p in self.params]
+        self.originals = [p.detach().clone() for p in self.params] if originals is None else list(originals)
         self._requires_grad = [p.requires_grad for p in self.params]
         for p in self.params:
             p.requires_grad_(True)
