@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from tta_bench.results import tokenlog
-from tta_bench.protocol.metrics import paired_delta
+from tta_bench.protocol.metrics import paired_difference
 from tta_bench.results.records import load_cells
 from tta_bench_methods.fwl.gate import fixed_share
 
@@ -64,7 +64,7 @@ def main():
         ppl = lambda x: math.exp(-x.mean())  # noqa: E731
 
         def delta(a, b):
-            d = paired_delta(doc_nll(a), doc_nll(b), tokens)
+            d = paired_difference(doc_nll(a), doc_nll(b), tokens)
             return (
                 f"{d['delta_ppl']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]{'*' if d['excludes_zero'] else ''}"
             )

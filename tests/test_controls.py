@@ -164,7 +164,7 @@ def test_the_leaderboard_sets_each_method_against_its_control(tmp_path):
             "fwl",
             "fwl",
             {"size": 8, "lr": 1.0},
-            [270, 185, 235],
+            [272, 185, 235],
             {"test_time": True, "control": {"method": "fwl-static", "params": {"size": 8}}},
         ),
         _record("cache", "cache", {}, [290, 195, 245], {"test_time": True, "control": None}),
@@ -179,12 +179,12 @@ def test_the_leaderboard_sets_each_method_against_its_control(tmp_path):
     table = {r["method"]: r for r in next(iter(rows(recs).values()))}
     ppl = {
         k: math.exp(sum(n) / 300)
-        for k, n in [("none", [300, 200, 250]), ("static", [280, 190, 240]), ("fwl", [270, 185, 235])]
+        for k, n in [("none", [300, 200, 250]), ("static", [280, 190, 240]), ("fwl", [272, 185, 235])]
     }
     assert table["fwl"]["control"] == "static" and table["fwl"]["kind"] == "TTA"
     assert table["fwl"]["vs_control"]["delta_ppl"] == pytest.approx(ppl["fwl"] - ppl["static"])
     assert table["fwl"]["vs_none"]["delta_ppl"] == pytest.approx(ppl["fwl"] - ppl["none"])
-    assert table["fwl"]["vs_control"]["excludes_zero"]  # better on every document
+    assert table["fwl"]["vs_control"]["excludes_zero"]  # better on every document, by a steady margin
     assert table["cache"]["control"] == "none" and table["cache"]["vs_control"] == table["cache"]["vs_none"]
     assert table["static"]["kind"] == "control" and table["static"]["vs_control"] is None
     assert table["none"]["kind"] == "base" and table["none"]["vs_none"] is None

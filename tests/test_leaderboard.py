@@ -7,10 +7,11 @@ import textwrap
 
 import pandas as pd
 import pytest
+from scipy import stats
 
 from tests.conftest import write_bench
 from tta_bench.api.errors import TTABenchError
-from tta_bench.results.leaderboard import write_leaderboard
+from tta_bench.results.leaderboard import _mark_holm, write_leaderboard
 from tta_bench.results.render import pareto_front
 from tta_bench.run.runner import run
 
@@ -72,6 +73,17 @@ def results(tmp_path, corpus):
     return run(str(bench), log=lambda *a: None), bench
 
 
+def _naive_ratio_ci(num, den):
+    """sum(num)/sum(den) and its HC2 t-interval with Satterthwaite's df, one document at a time."""
+    n, total = len(num), sum(den)
+    r = sum(num) / total
+    var = sum((a - r * w) ** 2 / (1 - w / total) for a, w in zip(num, den)) / total**2
+    df = max(1.0, sum(w * w for w in den) ** 2 / sum(w**4 for w in den) - 1)
+    q = stats.t.ppf(0.975, df)
+    p = 2 * stats.t.sf(abs(r) / math.sqrt(var), df) if var > 0 else None
+    return r, [r - q * math.sqrt(var), r + q * math.sqrt(var)], p, n
+
+
 def _independent(cells: list[dict]) -> dict[str, dict]:
     """Per method label: the leaderboard's numbers from the raw per-document NLLs and costs."""
     out = {}
@@ -83,7 +95,8 @@ def _independent(cells: list[dict]) -> dict[str, dict]:
         bpb = [sum(d["nll"] for d in c["per_doc"]) / math.log(2) / sum(d["bytes"] for d in c["per_doc"]) for c in cs]
         spt = [1 / c["costs"]["tokens_per_second"] for c in cs]
         n_docs, tokens = len(cs[0]["per_doc"]), sum(d["tokens"] for d in cs[0]["per_doc"])
-        seed_mean_nll = sum(sum(c["per_doc"][i]["nll"] for c in cs) / len(cs) for i in range(n_docs))
+        doc_nll = [sum(c["per_doc"][i]["nll"] for c in cs) / len(cs) for i in range(n_docs)]
+        seed_mean_nll = sum(doc_nll)
         out[label] = {
             "token_ppl": mean,
             "ppl_of_mean_nll": math.exp(seed_mean_nll / tokens),
@@ -91,10 +104,46 @@ def _independent(cells: list[dict]) -> dict[str, dict]:
             "gflops": sum(flops) / len(flops),
             "bpb": sum(bpb) / len(bpb),
             "spt": sum(spt) / len(spt),
-            "ci_low": sum(c["metrics"]["ci95"]["token_ppl"][0] for c in cs) / len(cs),
+            "doc_nll": doc_nll,
+            "doc_tokens": [d["tokens"] for d in cs[0]["per_doc"]],
+            "doc_bytes": [d["bytes"] for d in cs[0]["per_doc"]],
+            "ci_low": math.exp(_naive_ratio_ci(doc_nll, [d["tokens"] for d in cs[0]["per_doc"]])[1][0]),
             "seeds": len(cs),
         }
     return out
+
+
+def _check_contrasts(row, r: dict, none: dict, cells: list[dict]) -> None:
+    """A CSV row's paired differences and marks against the naive recomputation."""
+    # the paired difference is taken on the per-document NLL averaged over seeds
+    if row["method"] == "none":
+        assert math.isnan(row["delta_ppl_vs_none"]) and math.isnan(row["dnll_vs_none"])
+    else:
+        diff = [a - b for a, b in zip(r["doc_nll"], none["doc_nll"])]
+        dnll, ci, p, _ = _naive_ratio_ci(diff, r["doc_tokens"])
+        assert row["dnll_vs_none"] == pytest.approx(dnll)
+        assert [row["dnll_ci95_low_vs_none"], row["dnll_ci95_high_vs_none"]] == pytest.approx(ci)
+        assert row["p_vs_none"] == pytest.approx(p)
+        dbpb, ci, _, _ = _naive_ratio_ci([d / math.log(2) for d in diff], r["doc_bytes"])
+        assert row["dbpb_vs_none"] == pytest.approx(dbpb)
+        assert [row["dbpb_ci95_low_vs_none"], row["dbpb_ci95_high_vs_none"]] == pytest.approx(ci)
+        assert row["delta_ppl_vs_none"] == pytest.approx(r["ppl_of_mean_nll"] - none["ppl_of_mean_nll"])
+        assert row["delta_ppl_ci95_low_vs_none"] <= row["delta_ppl_vs_none"] <= row["delta_ppl_ci95_high_vs_none"]
+    assert row["ci95_low"] == pytest.approx(r["ci_low"])
+    if row["method"] == "lb-temperature":  # the one declared contrast: its own Holm family of one
+        assert row["p_holm_vs_none"] == pytest.approx(row["p_vs_none"])
+        assert row["significant_vs_none"] == (row["p_vs_none"] < 0.05)
+        per_seed = [
+            (sum(d["nll"] for d in c["per_doc"]) - sum(none["doc_nll"])) / sum(r["doc_tokens"])
+            for c in cells
+            if c["label"] == row["method"]
+        ]
+        mean = sum(per_seed) / 2
+        assert row["dnll_seed_std_vs_none"] == pytest.approx(
+            math.sqrt(sum((x - mean) ** 2 for x in per_seed)), abs=1e-12
+        )
+    if row["method"] == "lb-uniform":  # a control against none: not a declared contrast, never marked
+        assert row["p_vs_none"] > 0 and math.isnan(row["p_holm_vs_none"]) and not row["significant_vs_none"]
 
 
 def test_every_table_number_matches_the_cell_files(results):
@@ -116,13 +165,7 @@ def test_every_table_number_matches_the_cell_files(results):
         assert row["gflops_per_token"] == pytest.approx(r["gflops"])
         assert row["flops_x_none"] == pytest.approx(r["gflops"] / none["gflops"])
         assert row["time_x_none"] == pytest.approx(r["spt"] / none["spt"])
-        # the paired difference is taken on the per-document NLL averaged over seeds
-        if row["method"] == "none":
-            assert math.isnan(row["delta_ppl_vs_none"])
-        else:
-            assert row["delta_ppl_vs_none"] == pytest.approx(r["ppl_of_mean_nll"] - none["ppl_of_mean_nll"])
-            assert row["delta_ci95_low_vs_none"] <= row["delta_ppl_vs_none"] <= row["delta_ci95_high_vs_none"]
-        assert row["ci95_low"] == pytest.approx(r["ci_low"])
+        _check_contrasts(row, r, none, cells)
         j = next(x for x in as_json if x["method"] == row["method"])
         assert j["token_ppl"] == pytest.approx(r["token_ppl"])
         assert f"| {row['method']}" in md and f"{r['token_ppl']:.2f} ± {r['std']:.2f}" in md
@@ -180,8 +223,8 @@ def test_readme_block_is_regenerated_in_place(results, tmp_path):
     readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\noutro\n")
     write_leaderboard(run_dir, readme=readme)
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
-    assert "| lb-uniform" in text and "![perplexity against FLOPs" in text
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "\nold\n" not in text
+    assert "| lb-uniform" in text and "![ΔNLL/token against FLOPs and time" in text
 
 
 def test_a_rerun_that_computes_nothing_keeps_the_tables_unless_one_is_missing(results):
@@ -193,3 +236,26 @@ def test_a_rerun_that_computes_nothing_keeps_the_tables_unless_one_is_missing(re
     said.clear()
     run(str(bench), log=said.append)
     assert (run_dir / "leaderboard.csv").is_file() and any(s.startswith("wrote") for s in said)
+
+
+def _delta(p, zero=False):
+    return {"p": p, "zero_width": zero, "p_holm": None, "significant": False, "declared": False}
+
+
+def test_holm_marks_only_declared_contrasts_and_never_a_zero_width_one():
+    shared = _delta(0.004)  # a TTA row whose control is none: one contrast, counted once
+    rows = [
+        {"kind": "TTA", "vs_none": shared, "vs_control": shared},
+        {"kind": "TTA", "vs_none": _delta(0.03), "vs_control": _delta(0.011)},
+        {"kind": "TTA", "vs_none": _delta(0.0, zero=True), "vs_control": _delta(None, zero=True)},
+        {"kind": "control", "vs_none": _delta(1e-9), "vs_control": None},
+    ]
+    _mark_holm(rows)
+    family = [0.004, 0.03, 0.011, 0.0]  # Holm over the 4 tested p-values: sorted, times 4, 3, 2, 1, running max
+    expected = {0.0: 0.0, 0.004: 0.012, 0.011: 0.022, 0.03: 0.03}
+    got = [rows[0]["vs_none"], rows[1]["vs_none"], rows[1]["vs_control"], rows[2]["vs_none"]]
+    for p, d in zip(family, got):
+        assert d["declared"] and d["p_holm"] == pytest.approx(expected[p])
+    assert [d["significant"] for d in got] == [True, True, True, False]  # the zero-width one is never marked
+    assert rows[2]["vs_control"]["p_holm"] is None and not rows[2]["vs_control"]["significant"]
+    assert not rows[3]["vs_none"]["declared"] and not rows[3]["vs_none"]["significant"]

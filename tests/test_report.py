@@ -1,9 +1,11 @@
 """Per-token logs and the report (`tta-bench report`): every number recomputed from the raw logs with plain loops."""
 
 import json
+import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from tests.conftest import write_bench
 from tta_bench.api.errors import TTABenchError
@@ -30,6 +32,18 @@ def _naive_bucket(name, rank, position, repeated):
     }[which]
 
 
+def _naive_t(sums, counts):
+    """The token-weighted mean's HC2 t-interval and p-value with Satterthwaite's df, in plain loops."""
+    total = sum(counts)
+    if len(counts) < 2:
+        return None, None
+    r = sum(sums) / total
+    var = sum((a - r * w) ** 2 / (1 - w / total) for a, w in zip(sums, counts)) / total**2
+    df = max(1.0, sum(w * w for w in counts) ** 2 / sum(w**4 for w in counts) - 1)
+    q, se = stats.t.ppf(0.975, df), math.sqrt(var)
+    return [r - q * se, r + q * se], 2 * stats.t.sf(abs(r) / se, df)
+
+
 def _naive_tokens(log):
     """(doc, rank, position, repeated) of every token, one at a time."""
     out = []
@@ -40,6 +54,35 @@ def _naive_tokens(log):
             out.append((d, int(log["prep_rank"][i]), pos, t in seen))
             seen.add(t)
     return out
+
+
+def _check_buckets(comp: dict, tokens: list, diff: list) -> None:
+    """Each bucket's mean, interval, p-value and Holm mark against plain loops over the tokens."""
+    tested = {}
+    for name, got in comp["buckets"].items():
+        inside = [i for i, (d, r, p, rep) in enumerate(tokens) if _naive_bucket(name, r, p, rep)]
+        assert got["tokens"] == len(inside)
+        if not inside:
+            assert got["mean"] is None
+            continue
+        assert got["mean"] == pytest.approx(sum(diff[i] for i in inside) / len(inside), rel=1e-9, abs=1e-12)
+        docs = sorted({tokens[i][0] for i in inside})  # per document: the bucket's sum and count
+        sums = [sum(diff[i] for i in inside if tokens[i][0] == d) for d in docs]
+        counts = [sum(1 for i in inside if tokens[i][0] == d) for d in docs]
+        ci, p = _naive_t(sums, counts)
+        if ci is None:
+            assert got["ci95"] is None
+            continue
+        assert got["ci95"] == pytest.approx(ci, rel=1e-9, abs=1e-12)
+        assert got["p"] == pytest.approx(p, rel=1e-9)
+        tested[name] = p
+    for rank, (name, p) in enumerate(sorted(tested.items(), key=lambda kv: kv[1])):  # Holm, by its rule
+        stepdown = max(
+            min(1, (len(tested) - j) * q)
+            for j, (_, q) in enumerate(sorted(tested.items(), key=lambda kv: kv[1])[: rank + 1])
+        )
+        assert comp["buckets"][name]["p_holm"] == pytest.approx(stepdown)
+        assert comp["buckets"][name]["significant"] == (stepdown < 0.05 and not comp["buckets"][name]["zero_width"])
 
 
 def test_token_logs_add_up_and_the_report_matches_a_plain_loop(tmp_path, corpus):
@@ -74,29 +117,18 @@ def test_token_logs_add_up_and_the_report_matches_a_plain_loop(tmp_path, corpus)
         log, ref = logs[comp["method"]], logs[comp["against"]]
         tokens = _naive_tokens(log)
         diff = [float(ref["logprob"][i]) - float(log["logprob"][i]) for i in range(len(tokens))]
-        n_docs, total = len(log["doc_offsets"]) - 1, sum(diff)
-        draws = np.random.default_rng(0).integers(0, n_docs, size=(1000, n_docs))
         for kind in ("frequency", "occurrence", "position"):  # each kind's buckets cover every token once
             assert sum(b["tokens"] for n, b in comp["buckets"].items() if n.startswith(kind)) == len(tokens)
-        for name, got in comp["buckets"].items():
-            inside = [i for i, (d, r, p, rep) in enumerate(tokens) if _naive_bucket(name, r, p, rep)]
-            assert got["tokens"] == len(inside)
-            if not inside:
-                assert got["mean"] is None
-                continue
-            assert got["mean"] == pytest.approx(sum(diff[i] for i in inside) / len(inside), rel=1e-9, abs=1e-12)
-            assert got["share"] == pytest.approx(sum(diff[i] for i in inside) / total, rel=1e-9)
-            boot = []
-            for draw in draws:  # the paired bootstrap, one resample at a time
-                s = sum(diff[i] for d in draw for i in inside if tokens[i][0] == d)
-                c = sum(1 for d in draw for i in inside if tokens[i][0] == d)
-                if c:
-                    boot.append(s / c)
-            lo, hi = np.percentile(boot, [2.5, 97.5])
-            assert got["ci95"] == pytest.approx([min(lo, got["mean"]), max(hi, got["mean"])], rel=1e-9, abs=1e-12)
+        _check_buckets(comp, tokens, diff)
         assert f"### {comp['method']} vs none" in text
     dyn = next(c for c in comparisons if c["method"].startswith("dynamic-eval"))
     assert abs(dyn["buckets"]["all"]["mean"]) > 1e-3  # the adaptation is visible, far above float noise
+    # the claims table: each claimed method with its setting and testability, and dynamic evaluation's cost
+    claims = text.split("### Against the papers' claims", 1)[1]
+    row = next(line for line in claims.splitlines() if line.startswith("| dynamic-eval(lr=0.05) |"))
+    assert "documents; mean base context" in row and any(f"| {v}:" in row for v in ("yes", "partly", "no"))
+    assert "| dynamic-eval(lr=0.05) (cost) | over 3x" in claims and "### Setting" in text
+    assert "share of total" not in text
 
 
 def test_buckets_split_by_frequency_repetition_and_position():
@@ -122,3 +154,60 @@ def test_the_report_needs_per_token_logs(tmp_path, corpus):
     with pytest.raises(TTABenchError, match="log-tokens"):
         write_report(run_dir)
     assert not (run_dir / "REPORT.md").exists()
+
+
+def _naive_context(tokens, segment, context):
+    """Per the SPEC's windows: a segment of targets t[s:e] is scored from up to context + segment - (e - s)
+    earlier tokens plus t[s:e-1]; count, for every target, the input tokens before it."""
+    seen = 0
+    for n in tokens:
+        for i in range(n):
+            s = i // segment * segment
+            e = min(s + segment, n)
+            window = range(max(0, s - (context + segment - (e - s))), e - 1)
+            seen += sum(1 for k in window if k < i)
+    return seen / sum(tokens)
+
+
+def _rec(tokens, segment, context, reset, test_time, cache=(), params=None):
+    from tta_bench.results.records import CellRecord
+
+    return CellRecord(
+        cell_id="c",
+        label="m",
+        config={},
+        resolved={"segment_len": segment, "context_len": context, "reset": reset, "method_params": params or {}},
+        per_doc=[{"nll": 1.0, "tokens": n, "bytes": n, "words": n} for n in tokens],
+        role={"test_time": test_time},
+        prepare={"cache": list(cache)},
+    )
+
+
+def test_the_setting_counts_steps_and_context_as_the_protocol_scores():
+    from tta_bench.results.claims import mean_context, setting, testable
+
+    for tokens, segment, context in (([1024, 700, 3000], 512, 1), ([300, 40], 64, 32), ([129], 128, 0)):
+        assert mean_context(tokens, segment, context) == pytest.approx(_naive_context(tokens, segment, context))
+    s = setting(_rec([1024, 2048, 300], 512, 1, "document", True))
+    assert (s["documents"], s["steps_min"], s["steps_mean"]) == (3, 0, pytest.approx((1 + 3 + 0) / 3))
+    assert testable(s, "one stream")[0] == "no" and "adaptation steps per document: 0" in testable(s, "")[1]
+    s = setting(_rec([2048] * 4, 512, 1, "document", True))
+    assert s["steps_min"] == 3 and testable(s, "") == ("yes", "the setting meets the paper's conditions")
+    assert testable(s, "a continuous stream")[0] == "partly"
+    trained = {"kind": "fwl-block", "info": {"steps": 40, "best_step": 30, "history": [{"step": 30, "val_nll": 2.0}]}}
+    s = setting(_rec([2048] * 4, 512, 1, "document", False, [trained], {"train_steps": 40}))
+    assert s["training"][0]["stopped_by"] == "step cap" and "step cap" in testable(s, "")[1]
+    store = {"kind": "features", "tokens": 16384}
+    s = setting(_rec([2048] * 4, 512, 1, "document", False, [store], {"datastore_tokens": None}))
+    assert s["datastore_keys"] == 16384 and testable(s, "")[0] == "partly"
+
+
+def test_gains_most_lists_only_significant_gains():
+    from tta_bench.results.report import gains_most
+
+    def b(mean, significant):
+        return {"mean": mean, "significant": significant}
+
+    result = {"all": b(-0.5, True), "x": b(+0.2, True), "y": b(-0.1, False), "z": b(-0.03, True), "w": b(-0.3, True)}
+    assert gains_most(result) == "w (-0.300); z (-0.030)"
+    assert gains_most({"all": b(-1, True), "x": b(0.1, True)}) == "none significant"

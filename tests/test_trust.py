@@ -16,7 +16,7 @@ from tests.conftest import SAMPLE, write_bench
 from tta_bench.run import cellrun, runner
 from tta_bench.cli import main
 from tta_bench.api.errors import TTABenchError
-from tta_bench.protocol.metrics import bootstrap_ci, summarize
+from tta_bench.protocol.metrics import document_ci, summarize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,13 +118,12 @@ def test_metrics_never_raise_and_intervals_hold_their_point():
     assert any("overflows" in n for n in m["notes"])
     m = summarize(12.0, 4, 0, 0)  # no words, no bytes
     assert m["word_ppl"] is None and m["bits_per_byte"] is None and len(m["notes"]) == 2
-    # one document: every resample is the document itself; the interval is the point
+    # one document: no spread between documents to estimate, so no interval (and no exception)
     for nll in (0.1, 1.7, 3.3, 10.0 / 3):
-        ci = bootstrap_ci([nll * 7], [7], [30], [3])
-        point = summarize(nll * 7, 7, 30, 3)
-        for k, (lo, hi) in ci.items():
-            assert lo <= point[k] <= hi
-    assert bootstrap_ci([5000.0], [10], [40], [1])["word_ppl"] is None
+        assert document_ci([nll * 7], [7], [30], [3]) == {"token_ppl": None, "word_ppl": None, "bits_per_byte": None}
+    two = document_ci([5000.0, 4000.0], [1000, 1200], [4000, 5000], [1, 1])  # word ppl overflows: no interval
+    point = summarize(9000.0, 2200, 9000, 2)["token_ppl"]
+    assert two["word_ppl"] is None and two["token_ppl"][0] <= point <= two["token_ppl"][1]
 
 
 def test_a_stream_without_words_still_gives_a_record_and_a_plot(tmp_path):

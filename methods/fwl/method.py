@@ -101,6 +101,8 @@ class FastWeightLayers(Method):
         "the gains of dynamic evaluation for relatively little extra compute and memory; most on long documents,"
         " rare and repeated tokens (Clark et al.)"
     )
+    claim_cost = ("relatively little extra compute (Clark et al.; read here as at most 1.5x)", "<=", 1.5)
+    claim_setting = "the base model and the fast weights trained jointly, to convergence; long documents (PG-19, WikiText-103) (Clark et al. 2022)"
 
     @dataclass
     class Params(TrainConfig):
@@ -259,6 +261,8 @@ class FWLStatic(FastWeightLayers):
 @register_method("fwl-dynamic-eval")
 class FWLDynamicEval(FastWeightLayers):
     """FWL plus dynamic evaluation: after scoring, an SGD/RMS step on the segment's NLL over the FW block's (or all) weights."""
+
+    claim_cost = None  # FWL's cost claim is for FWL alone
 
     @dataclass
     class Params(FastWeightLayers.Params):

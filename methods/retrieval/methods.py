@@ -27,6 +27,9 @@ def knn_control(p) -> dict:
 class KnnLM(Method):
     """kNN-LM: interpolate with a faiss nearest-neighbour datastore built from the prepare split."""
 
+    claim = "WikiText-103 test perplexity 18.65 -> 16.12 by retrieval alone, no training (Khandelwal et al. 2020)"
+    claim_setting = "a 103M-key datastore (all of WikiText-103 train), k 1024, lambda and temperature tuned on valid"
+
     requires = ("faiss-cpu",)
 
     @dataclass
@@ -78,6 +81,9 @@ class KnnLM(Method):
 @register_method("cache")
 class ContinuousCacheLM(Method):
     """Continuous cache: interpolate with p(w) ~ sum exp(theta h_t.h_i) over recent positions followed by w."""
+
+    claim = "WikiText-2 perplexity 99.3 -> 68.9 for an LSTM with a 2000-token cache (Grave et al. 2017)"
+    claim_setting = "a continuous stream over the whole test set, window 2000, theta and lambda tuned on valid"
 
     @dataclass
     class Params:

@@ -1,6 +1,6 @@
 """Leaderboards from cell records (SPEC 7): one table per (task, model, protocol, limits, device),
-rows sorted by perplexity, as Markdown, CSV, JSON, a sortable HTML page, and a Pareto plot of
-perplexity against FLOPs. Several results folders merge, unless their provenance conflicts."""
+rows sorted by perplexity, as Markdown, CSV, JSON, a sortable HTML page, and plots of the paired
+ΔNLL/token against FLOPs and time (plots.py). Several results folders merge, unless their provenance conflicts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from tta_bench.api.errors import TTABenchError
-from tta_bench.results.render import markdown, html_page, plot, slug
+from tta_bench.results.plots import plot
+from tta_bench.results.render import markdown, html_page, slug
 from tta_bench.results.files import atomic_write
 from tta_bench.results.records import CellRecord, load_cells
 
@@ -117,9 +118,17 @@ def _mean(values):
     return float(np.mean(values)) if values else None
 
 
-def _docs(recs: list[CellRecord]) -> tuple:
-    """(per-document nll, mean over the seeds; per-document tokens) of one setting's cells."""
-    return np.mean([r.doc_nll for r in recs], axis=0), np.array(recs[0].doc_tokens)
+def _docs(recs: list[CellRecord]) -> dict:
+    """One setting's per-document arrays: nll averaged over its seeds (SPEC 4: before pairing), each
+    seed's nll, and the counts (the same for every seed: the same documents)."""
+    per_seed = np.array([r.doc_nll for r in recs], dtype=np.float64)
+    first = recs[0].per_doc
+    return {
+        "nll": per_seed.mean(axis=0),
+        "per_seed": per_seed,
+        # a count a record lacks is 0: its metric is then n/a, never a wrong number
+        **{k: np.array([d.get(k, 0) for d in first], dtype=np.float64) for k in ("tokens", "bytes", "words")},
+    }
 
 
 def control_label(rec: CellRecord, by_label: dict[str, list[CellRecord]]) -> str | None:
@@ -140,7 +149,8 @@ def control_label(rec: CellRecord, by_label: dict[str, list[CellRecord]]) -> str
 
 def rows(records: list[CellRecord], failed: list[CellRecord] = ()) -> dict[tuple, list[dict]]:
     """Table rows per key; the seeds of one method setting give mean and std; every row is set against
-    `none` and against its control with paired bootstrap CIs over documents."""
+    `none` and against its control with paired intervals over documents (metrics.paired_difference),
+    the declared contrasts marked after Holm's correction."""
     groups: dict[tuple, dict[str, list[CellRecord]]] = {}
     for rec in records:
         groups.setdefault(table_key(rec), {}).setdefault(rec.label, []).append(rec)
@@ -152,15 +162,19 @@ def rows(records: list[CellRecord], failed: list[CellRecord] = ()) -> dict[tuple
     return tables
 
 
-def _stats(recs: list[CellRecord]) -> dict:
-    """One setting's numbers, as means over its seeds (and the std of token perplexity)."""
+def _stats(recs: list[CellRecord], docs: dict) -> dict:
+    """One setting's numbers, as means over its seeds (and the std of token perplexity); the 95% CI
+    is over documents, on the per-document NLL averaged over the seeds."""
+    from tta_bench.protocol.metrics import document_ci
+
     ppl = [r.metrics["token_ppl"] for r in recs if r.metrics["token_ppl"] is not None]
     costs = [r.costs for r in recs]
+    ci = document_ci(docs["nll"], docs["tokens"], docs["bytes"], docs["words"])["token_ppl"] or [None, None]
     return {
         "token_ppl": _mean(ppl),
         "token_ppl_std": float(np.std(ppl, ddof=1)) if len(ppl) > 1 and all(map(math.isfinite, ppl)) else None,
-        "ci95_low": _mean((r.metrics["ci95"]["token_ppl"] or [None])[0] for r in recs),
-        "ci95_high": _mean((r.metrics["ci95"]["token_ppl"] or [None, None])[1] for r in recs),
+        "ci95_low": ci[0],
+        "ci95_high": ci[1],
         "word_ppl": _mean(r.metrics["word_ppl"] for r in recs),
         "bits_per_byte": _mean(r.metrics["bits_per_byte"] for r in recs),
         "gflops_per_token": _mean(c["gflops_per_token"] for c in costs),
@@ -173,34 +187,61 @@ def _stats(recs: list[CellRecord]) -> dict:
     }
 
 
+def versus(mine: dict, ref: dict) -> dict | None:
+    """The paired difference of one setting to another (metrics.paired_difference) on the per-document
+    NLL averaged over seeds, with `seed_std`: the std over this setting's seeds of each seed's
+    ΔNLL/token against the reference (None with one seed)."""
+    from tta_bench.protocol.metrics import paired_difference
+
+    if len(mine["nll"]) != len(ref["nll"]):
+        return None
+    d = paired_difference(mine["nll"], ref["nll"], mine["tokens"], mine["bytes"])
+    if d is not None:
+        per_seed = (mine["per_seed"] - ref["nll"]).sum(axis=1) / mine["tokens"].sum()
+        d["seed_std"] = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None
+        d.update(p_holm=None, significant=False, declared=False)
+    return d
+
+
+def _mark_holm(out: list[dict], alpha: float = 0.05) -> None:
+    """Holm's correction over the contrasts the table declares (each TTA row against `none` and
+    against its control; one contrast where the control is `none`); a mark needs an adjusted p below
+    alpha and an interval of nonzero width (a zero-width one has no p-value)."""
+    family = []
+    for r in out:
+        for d in (r["vs_none"], r["vs_control"]) if r["kind"] == "TTA" else ():
+            if d is not None and all(d is not f for f in family):  # one contrast where the control is none
+                family.append(d)
+    from tta_bench.protocol.metrics import holm
+
+    for d, p in zip(family, holm([d["p"] for d in family])):
+        d.update(declared=True, p_holm=p, significant=p is not None and p < alpha and not d["zero_width"])
+
+
 def _table(by_label: dict[str, list[CellRecord]]) -> list[dict]:
     """One table's rows (one per setting), sorted by perplexity."""
-    from tta_bench.protocol.metrics import paired_delta
-
-    base = _stats(by_label["none"]) if "none" in by_label else None
     docs = {label: _docs(recs) for label, recs in by_label.items()}
-
-    def versus(label, other):
-        if other is None or other not in docs or len(docs[label][0]) != len(docs[other][0]):
-            return None
-        return paired_delta(docs[label][0], docs[other][0], docs[label][1], seed=by_label[label][0].seed)
+    stats = {label: _stats(recs, docs[label]) for label, recs in by_label.items()}
+    base = stats.get("none")
 
     def ratio(s, k):
         return s[k] / base[k] if base and s[k] is not None and base[k] else None
 
     out = []
     for label, recs in by_label.items():
-        s, role, control = _stats(recs), recs[0].role or {}, control_label(recs[0], by_label)
+        s, role, control = stats[label], recs[0].role or {}, control_label(recs[0], by_label)
+        vs_none = versus(docs[label], docs["none"]) if label != "none" and "none" in docs else None
         s.update(
             method=label,
             kind="base" if recs[0].method_name == "none" else "TTA" if role.get("test_time", True) else "control",
-            vs_none=versus(label, "none") if label != "none" else None,
+            vs_none=vs_none,
             control=control,
-            vs_control=versus(label, control),
+            vs_control=vs_none if control == "none" else versus(docs[label], docs[control]) if control else None,
             flops_x_none=ratio(s, "gflops_per_token"),
             time_x_none=ratio(s, "sec_per_token"),
         )
         out.append(s)
+    _mark_holm(out)
     return sorted(out, key=lambda r: math.inf if r["token_ppl"] is None else r["token_ppl"])
 
 
@@ -255,19 +296,31 @@ def write_leaderboard(
     return written
 
 
+DELTA_COLUMNS = {  # CSV/JSON column stem: (key in a paired difference, index into it or None)
+    "dnll": ("delta_nll", None),
+    "dnll_ci95_low": ("nll_ci95", 0),
+    "dnll_ci95_high": ("nll_ci95", 1),
+    "dnll_seed_std": ("seed_std", None),
+    "p": ("p", None),
+    "p_holm": ("p_holm", None),
+    "significant": ("significant", None),
+    "dbpb": ("delta_bpb", None),
+    "dbpb_ci95_low": ("bpb_ci95", 0),
+    "dbpb_ci95_high": ("bpb_ci95", 1),
+    "delta_ppl": ("delta_ppl", None),
+    "delta_ppl_ci95_low": ("ci95", 0),
+    "delta_ppl_ci95_high": ("ci95", 1),
+}
+
+
 def _flat(row: dict) -> dict:
     """A row for CSV and JSON: each paired difference as its own columns."""
     out = {k: v for k, v in row.items() if k not in ("vs_none", "vs_control")}
     for k in ("vs_none", "vs_control"):
         d = row.get(k) or {}
-        out.update(
-            {
-                f"delta_ppl_{k}": d.get("delta_ppl"),
-                f"delta_pct_{k}": d.get("delta_pct"),
-                f"delta_ci95_low_{k}": (d.get("ci95") or [None])[0],
-                f"delta_ci95_high_{k}": (d.get("ci95") or [None, None])[1],
-            }
-        )
+        for stem, (key, i) in DELTA_COLUMNS.items():
+            v = d.get(key)
+            out[f"{stem}_{k}"] = v[i] if i is not None and v is not None else v
     return out
 
 

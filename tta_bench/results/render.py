@@ -1,14 +1,12 @@
 """Rendering leaderboard tables (rows from tta_bench.results.leaderboard.rows): Markdown, a sortable HTML
-page, and the plot of perplexity against FLOPs with its Pareto front."""
+page (click a header to sort), and the Pareto front the plots (plots.py) draw."""
 
 from __future__ import annotations
 
 import html
 import math
 import re
-from pathlib import Path
 
-from tta_bench.results.files import atomic_write
 
 # (key in a row, Markdown header, format); arrows say which way is better
 COLUMNS = [
@@ -16,8 +14,12 @@ COLUMNS = [
     ("kind", "kind", "s"),
     ("token_ppl", "token ppl ↓", ".2f"),
     ("ci95", "95% CI", ""),
-    ("vs_none", "Δ ppl vs none [95% CI]", ""),
-    ("vs_control", "Δ ppl vs control [95% CI]", ""),
+    ("vs_none:nll", "ΔNLL/token vs none [95% CI] ↓", ""),
+    ("vs_none:bpb", "Δbits/byte vs none [95% CI] ↓", ""),
+    ("vs_none:ppl", "Δppl vs none", ""),
+    ("vs_control:nll", "ΔNLL/token vs control [95% CI] ↓", ""),
+    ("vs_control:bpb", "Δbits/byte vs control [95% CI] ↓", ""),
+    ("vs_control:ppl", "Δppl vs control", ""),
     ("bits_per_byte", "bits/byte ↓", ".4f"),
     ("word_ppl", "word ppl ↓", ".2f"),
     ("gflops_per_token", "GFLOPs/token ↓", ".3f"),
@@ -30,13 +32,20 @@ COLUMNS = [
     ("seeds", "seeds", "d"),
 ]
 FOOTNOTE = (
-    "Rows sorted by token perplexity. ± is the std over seeds; the 95% CI is a bootstrap over documents."
-    " Δ vs none and Δ vs control are differences in token perplexity with paired bootstrap CIs (the same"
-    " resampled documents for both cells); * marks a CI that excludes 0. kind: TTA adapts to the evaluated"
-    " text as it reads it; a control is prepared on the prepare split and then static (SPEC 3); a TTA row's"
-    " control is named after its Δ (none when nothing was trained). Ratios (× none) are to the `none` cell on"
-    " the identical stream and device; n/a where there is none. prepare: building the cell's prepared state"
-    " (training, datastore, statistics, the shared feature pass), counted whether it was cached or not."
+    "Rows sorted by token perplexity. ± after a perplexity is the std over seeds; its 95% CI is a t-interval"
+    " over documents on the per-document NLL averaged over seeds (SPEC 4). ΔNLL/token (nats, token-weighted:"
+    " the sum of per-document NLL differences over all tokens; negative: better) and Δbits/byte are paired"
+    " over documents (both cells on the same documents, so document difficulty cancels), with t-intervals"
+    " whose 95% coverage holds at 8 and 16 documents (tests/test_intervals.py); ± after a ΔNLL is the std over"
+    " the method's seeds; Δppl (token perplexity) is beside them. * marks a ΔNLL whose p-value, Holm-adjusted"
+    " over the contrasts the table declares (each TTA row against none and against its control), is below"
+    " 0.05; a zero-width interval (a deterministic difference, e.g. two cells equal on every document) is"
+    " never marked, nor is a control's difference to none (not a declared contrast). kind: TTA adapts to the"
+    " evaluated text as it reads it; a control is prepared on the prepare split and then static (SPEC 3); a"
+    " TTA row's control is named after its Δ (none when nothing was trained). Ratios (× none) are to the"
+    " `none` cell on the identical stream and device; n/a where there is none. prepare: building the cell's"
+    " prepared state (training, datastore, statistics, the shared feature pass), counted whether it was"
+    " cached or not."
 )
 
 
@@ -46,19 +55,44 @@ def _fmt(v, spec: str) -> str:
     return format(v, spec) if spec else str(v)
 
 
+def _interval(point: float | None, ci: list | None, spec: str) -> str:
+    if point is None:
+        return "n/a"
+    return format(point, spec) + (f" [{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else "")
+
+
+def delta_text(d: dict, what: str) -> str:
+    """One paired difference as text: nll (with its seed spread and Holm mark), bpb, or ppl."""
+    if what == "nll":
+        seed = f" ± {d['seed_std']:.4f}" if d.get("seed_std") is not None else ""
+        return _interval(d["delta_nll"], d["nll_ci95"], "+.4f") + seed + ("*" if d.get("significant") else "")
+    if what == "bpb":
+        return _interval(d["delta_bpb"], d["bpb_ci95"], "+.4f")
+    return f"{d['delta_ppl']:+.2f} ({d['delta_pct']:+.1f}%)"
+
+
 def _cell_text(r: dict, key: str, spec: str) -> str:
     if key == "token_ppl":
         return _fmt(r["token_ppl"], spec) + (f" ± {r['token_ppl_std']:.2f}" if r["token_ppl_std"] is not None else "")
     if key == "ci95":
         return f"[{_fmt(r['ci95_low'], '.2f')}, {_fmt(r['ci95_high'], '.2f')}]"
-    if key in ("vs_none", "vs_control"):
-        d = r[key]
+    if ":" in key:
+        which, what = key.split(":")
+        d = r[which]
         if d is None:
-            return "—" if r["method"] == "none" or (key == "vs_control" and r["kind"] != "TTA") else "n/a"
-        lo, hi = d["ci95"]
-        text = f"{d['delta_ppl']:+.2f} [{lo:+.2f}, {hi:+.2f}]{'*' if d['excludes_zero'] else ''}"
-        return text + (f" vs {r['control']}" if key == "vs_control" else "")
+            return "—" if r["method"] == "none" or (which == "vs_control" and r["kind"] != "TTA") else "n/a"
+        return delta_text(d, what) + (f" vs {r['control']}" if which == "vs_control" and what == "nll" else "")
     return _fmt(r[key], spec)
+
+
+def sort_value(r: dict, key: str):
+    """The number a column sorts by (None: n/a, sorted last)."""
+    if ":" in key:
+        which, what = key.split(":")
+        d = r.get(which)
+        return None if d is None else d[{"nll": "delta_nll", "bpb": "delta_bpb", "ppl": "delta_ppl"}[what]]
+    raw = {"ci95": r.get("ci95_low"), "method": None, "kind": None}.get(key, r.get(key))
+    return None if isinstance(raw, str) else raw
 
 
 def _split(table: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -94,7 +128,7 @@ def markdown(tables: dict[tuple, list[dict]], level: int = 2, plots: dict | None
             else []
         )
         if plots and key in plots:
-            parts += ["", f"![perplexity against FLOPs, {_title(key)}]({plots[key]})"]
+            parts += ["", f"![ΔNLL/token against FLOPs and time, {_title(key)}]({plots[key]})"]
         parts.append("")
     parts.append(FOOTNOTE)
     return "\n".join(parts) + "\n"
@@ -106,7 +140,8 @@ def html_page(tables: dict[tuple, list[dict]], plots: dict | None = None) -> str
         "<!doctype html><meta charset='utf-8'><title>tta-bench leaderboard</title>",
         "<style>body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1em}"
         "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
-        "th{cursor:pointer;background:#f4f4f4}img{max-width:720px}</style>",
+        "th{cursor:pointer;background:#f4f4f4}td{white-space:nowrap}img{max-width:1100px}"
+        "th[data-dir=asc]::after{content:' \\25B2'}th[data-dir=desc]::after{content:' \\25BC'}</style>",
         "<h1>tta-bench leaderboard</h1>",
     ]
     for key, table in sorted(tables.items()):
@@ -119,11 +154,9 @@ def html_page(tables: dict[tuple, list[dict]], plots: dict | None = None) -> str
         for r in ok:
             cells = []
             for k, _, spec in COLUMNS:
-                raw = {"ci95": r["ci95_low"], "method": None, "kind": None}.get(k, r.get(k))
-                if isinstance(raw, dict):  # a paired difference: sorted by its point estimate
-                    raw = raw["delta_ppl"]
-                sort_value = "" if raw is None or isinstance(raw, str) else repr(float(raw))
-                cells.append(f"<td data-v='{sort_value}'>{html.escape(_cell_text(r, k, spec))}</td>")
+                raw = sort_value(r, k)
+                v = "" if raw is None else repr(float(raw))
+                cells.append(f"<td data-v='{v}'>{html.escape(_cell_text(r, k, spec))}</td>")
             out.append("<tr>" + "".join(cells) + "</tr>")
         out.append("</tbody></table>")
         out += [
@@ -132,10 +165,12 @@ def html_page(tables: dict[tuple, list[dict]], plots: dict | None = None) -> str
             for r in failed
         ]
         if plots and key in plots:
-            out.append(f"<img src='{html.escape(plots[key])}' alt='perplexity against FLOPs'>")
+            out.append(f"<img src='{html.escape(plots[key])}' alt='ΔNLL/token against FLOPs and time'>")
+    out.append(f"<p style='max-width:70em'>{html.escape(FOOTNOTE)}</p>")
     out.append("""<script>
 document.querySelectorAll('table.lb th').forEach((th, i) => th.addEventListener('click', () => {
   const body = th.closest('table').tBodies[0], up = th.dataset.dir !== 'asc';
+  th.closest('tr').querySelectorAll('th').forEach(h => { delete h.dataset.dir; });
   th.dataset.dir = up ? 'asc' : 'desc';
   const val = tr => { const c = tr.cells[i]; return c.dataset.v === '' ? null : parseFloat(c.dataset.v); };
   [...body.rows].sort((a, b) => {
@@ -158,51 +193,3 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
             front.append(i)
             best = points[i][1]
     return front
-
-
-def plot(key: tuple, table: list[dict], stem: Path) -> list[Path]:
-    """Perplexity against FLOPs (× none when a none cell exists), labelled points, Pareto front."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = [r for r in _split(table)[0] if r["token_ppl"] is not None and math.isfinite(r["token_ppl"])]
-    if not table:
-        return []
-    use_ratio = all(r["flops_x_none"] is not None for r in table)
-    xkey = "flops_x_none" if use_ratio else "gflops_per_token"
-    pts = [(r[xkey], r["token_ppl"]) for r in table]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r, (x, y) in zip(table, pts):
-        err = None
-        if r["ci95_low"] is not None and r["ci95_high"] is not None:  # bars never below zero length
-            err = [[max(0.0, y - r["ci95_low"])], [max(0.0, r["ci95_high"] - y)]]
-        ax.errorbar([x], [y], yerr=err, fmt="o", capsize=3, color="tab:blue")
-        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    front = pareto_front(pts)
-    ax.plot(
-        [pts[i][0] for i in front],
-        [pts[i][1] for i in front],
-        "--o",
-        color="tab:red",
-        markersize=12,
-        markerfacecolor="none",
-        label="Pareto front (no method both cheaper and better)",
-    )
-    ax.set_xlabel("FLOPs per token × none" if use_ratio else "GFLOPs per token")
-    ax.set_ylabel("token perplexity (95% CI)")
-    ax.set_title(f"{_title(key)}\n{key[2]}; {key[3]}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    xs = [p[0] for p in pts]
-    pad = (max(xs) - min(xs)) * 0.15 or max(xs) * 0.1 or 1
-    ax.set_xlim(min(xs) - pad, max(xs) + 2 * pad)
-    fig.tight_layout()
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    try:
-        for p in paths:
-            atomic_write(p, write=fig.savefig)
-    finally:
-        plt.close(fig)
-    return paths

@@ -5,10 +5,11 @@ on the same tokens: the difference in NLL per token (negative: the method is bet
 - frequency: the target's rank by frequency in the prepare split (the 1k most frequent, 1k-10k, rarer, unseen);
 - occurrence: the target's first occurrence in its document, or a repeat;
 - position in the document: under 128, 128-512, 512-2k, 2k and beyond.
-Each bucket gets its mean difference with a paired bootstrap CI over documents (the same resampled
-documents for both cells) and its share of the method's total gain. REPORT.md (with REPORT.json
-holding the same numbers and the cell files they come from) and a plot of the gain against position
-per table are written into the results folder."""
+Each bucket gets its mean difference with a paired t-interval over documents (metrics.py, as the
+leaderboard's) and a Holm-adjusted p-value over its comparison's buckets. REPORT.md (with REPORT.json
+holding the same numbers and the cell files they come from), with each table's setting and the
+papers' claims set beside it (claims.py), and a plot of the gain against position against the
+control per table are written into the results folder."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tta_bench.results import tokenlog
 from tta_bench.api.errors import TTABenchError
 from tta_bench.results.leaderboard import control_label, load_records, rows, table_key
 from tta_bench.results.records import CellRecord
+from tta_bench.results.plots import gain_curves
 from tta_bench.results.render import slug
 from tta_bench.results.files import atomic_write
 
@@ -57,35 +59,31 @@ def buckets(log: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def compare(log: dict, ref: dict, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Per bucket: tokens, mean NLL difference (log vs ref, nats per token), its paired bootstrap CI
-    over documents, and its share of the total difference."""
+def compare(log: dict, ref: dict) -> dict:
+    """Per bucket: tokens, mean NLL difference (log vs ref, nats per token), its paired interval over
+    documents and p-value (metrics.ratio_interval on each document's sum and count in the bucket),
+    and `significant`: Holm-adjusted p < 0.05 over this comparison's buckets, never on a zero-width
+    interval."""
+    from tta_bench.protocol.metrics import holm, ratio_interval
+
     if not (np.array_equal(log["targets"], ref["targets"]) and np.array_equal(log["doc_offsets"], ref["doc_offsets"])):
         raise TTABenchError("two per-token logs of one table score different tokens; rerun both cells")
     diff = nll_difference(log, ref)
     offsets = log["doc_offsets"]
     doc = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    n_docs, total = len(offsets) - 1, diff.sum()
-    draws = np.random.default_rng(seed).integers(0, n_docs, size=(n_boot, n_docs))
-    out = {}
+    n_docs, out = len(offsets) - 1, {}
     for name, mask in {"all": np.ones(len(diff), bool), **buckets(log)}.items():
         sums = np.bincount(doc[mask], diff[mask], minlength=n_docs)
         counts = np.bincount(doc[mask], minlength=n_docs).astype(np.float64)
         n = int(mask.sum())
-        entry = {
-            "tokens": n,
-            "mean": float(sums.sum() / n) if n else None,
-            "ci95": None,
-            "share": float(sums.sum() / total) if total else None,
-        }
+        entry = {"tokens": n, "mean": None, "ci95": None, "p": None, "zero_width": False}
         if n:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                boot = sums[draws].sum(1) / counts[draws].sum(1)
-            boot = boot[np.isfinite(boot)]  # resamples without a token of the bucket say nothing
-            if len(boot):
-                lo, hi = np.percentile(boot, [2.5, 97.5])
-                entry["ci95"] = [min(float(lo), entry["mean"]), max(float(hi), entry["mean"])]
+            has = counts > 0  # documents without a token of the bucket say nothing about it
+            r = ratio_interval(sums[has], counts[has])
+            entry.update(mean=r["point"], ci95=r["ci"], p=r["p"], zero_width=r["zero_width"])
         out[name] = entry
+    for entry, p in zip(out.values(), holm([e["p"] for e in out.values()])):
+        entry.update(p_holm=p, significant=p is not None and p < 0.05 and not entry["zero_width"])
     return out
 
 
@@ -103,32 +101,8 @@ def by_position(log: dict, ref: dict) -> list[tuple[int, float]]:
 def _fmt(entry: dict) -> str:
     if entry["mean"] is None:
         return "—"
-    ci = entry["ci95"]
-    star = "*" if ci and (ci[0] > 0 or ci[1] < 0) else ""
+    ci, star = entry["ci95"], "*" if entry["significant"] else ""
     return f"{entry['mean']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]{star}" if ci else f"{entry['mean']:+.4f}"
-
-
-def _plot(key, curves: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for label, points in sorted(curves.items()):
-        ax.plot([p[0] + 1 for p in points], [p[1] for p in points], "-o", markersize=3, label=label)
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("position in the document (bin start + 1, tokens)")
-    ax.set_ylabel("mean NLL difference vs none (nats/token; < 0: better)")
-    ax.set_title(f"{key[0]} · {key[1]}\n{key[2]}; {key[3]}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    try:
-        atomic_write(path, write=fig.savefig)
-    finally:
-        plt.close(fig)
 
 
 def write_report(results, against: str = "none") -> Path:
@@ -145,15 +119,7 @@ def write_report(results, against: str = "none") -> Path:
     groups: dict[tuple, dict[str, CellRecord]] = {}
     for rec in records:  # one seed per setting: the first
         groups.setdefault(table_key(rec), {}).setdefault(rec.label, rec)
-    lines = [
-        "# Where each method gains",
-        "",
-        f"Generated by `python -m tta_bench report {run_dir}` from the per-token logs of the cells in `{run_dir}/cells/`."
-        " Each entry is the mean difference in NLL per token (nats; negative: the method is better) on the tokens of"
-        " a bucket, with a paired bootstrap 95% CI over documents (* where it excludes 0), and the bucket's share of"
-        " the method's total difference. Frequency ranks come from the prepare split.",
-        "",
-    ]
+    lines = ["# Where each method gains", "", LEGEND.format(run_dir=run_dir), ""]
     data = {"against": against, "tables": []}
     tables = rows(records)
     for key, by_label in sorted(groups.items()):
@@ -171,35 +137,91 @@ def write_report(results, against: str = "none") -> Path:
     return run_dir / "REPORT.md"
 
 
+LEGEND = (
+    "Generated by `python -m tta_bench report {run_dir}` from the per-token logs of the cells in `{run_dir}/cells/`."
+    " Each entry is the mean difference in NLL per token (nats; negative: the method is better) on the tokens of"
+    " a bucket, with a paired 95% t-interval over documents (the leaderboard's method, metrics.py); * marks a"
+    " bucket whose p-value, Holm-adjusted over the buckets of its comparison, is below 0.05, never a zero-width"
+    " interval. Frequency ranks come from the prepare split. The plot shows each test-time method against"
+    ' its control (`none` for a method that trains nothing); "gains most" lists only buckets with a significant gain'
+    " against the control."
+)
+
+
 def _table_section(
     run_dir: Path, key: tuple, by_label: dict[str, CellRecord], against: str, table: list[dict]
 ) -> tuple[list[str], dict]:
-    """One table's part of the report (its lines, and its entry in REPORT.json): each method against
-    `against` and against its control, the plot of the gain against position, the papers' claims."""
+    """One table's part of the report (its lines, and its entry in REPORT.json): the setting, each
+    method against `against` and against its control, the gain against position, the papers' claims."""
+    from tta_bench.results.claims import setting
+
     lines = [f"## {key[0]} · {key[1]}", "", f"_{key[2]}; {key[3]}; device: {key[4]}_", ""]
     logs = {label: tokenlog.read(run_dir, rec) for label, rec in by_label.items()}
-    entry, curves = {"table": list(key), "comparisons": []}, {}
+    settings = {label: setting(rec) for label, rec in by_label.items()}
+    entry = {"table": list(key), "settings": settings, "comparisons": []}
+    curves, gains = {}, {}
     recs_by_label = {label: [rec] for label, rec in by_label.items()}
+    lines += _setting_lines(settings)
     for label in sorted(by_label):
         if label == against:
             continue
-        curves[label] = by_position(logs[label], logs[against])
-        versus = [against] + [c for c in [control_label(by_label[label], recs_by_label)] if c and c != against]
-        for ref in versus:
+        control = control_label(by_label[label], recs_by_label) or against
+        for ref in dict.fromkeys([against, control]):  # once where the control is `against`
             rec, other = by_label[label], by_label[ref]
-            result = compare(logs[label], logs[ref], seed=rec.seed)
+            result = compare(logs[label], logs[ref])
             entry["comparisons"].append(
                 {"method": label, "against": ref, "cells": [rec.cell_id, other.cell_id], "buckets": result}
             )
             lines += _comparison_lines(label, ref, rec.cell_id, other.cell_id, result)
+        if (by_label[label].role or {}).get("test_time"):  # a static control's gain is the domain's, not TTA's
+            curves[label] = (control, by_position(logs[label], logs[control]))
+        gains[label] = gains_most(entry["comparisons"][-1]["buckets"])
     plot = run_dir / f"report-{slug(key)}.png"
     try:
-        _plot(key, curves, plot)
-        lines += [f"![gain against position, {key[0]}]({plot.name})", ""]
+        gain_curves(key, curves, plot)
+        lines += [f"![gain against position vs the control, {key[0]}]({plot.name})", ""]
     except ImportError:
         pass
-    lines += _claims(table, entry["comparisons"], against, {k: r.method_name for k, r in by_label.items()})
+    lines += _claims(table, settings, {k: r.method_name for k, r in by_label.items()}, gains)
     return lines, entry
+
+
+def gains_most(result: dict) -> str:
+    """The buckets (besides `all`) with a significant gain, largest first; "none significant" else."""
+    found = sorted(
+        (b["mean"], name) for name, b in result.items() if name != "all" and b["significant"] and b["mean"] < 0
+    )
+    return "; ".join(f"{name} ({mean:+.3f})" for mean, name in found[:3]) or "none significant"
+
+
+def _setting_lines(settings: dict[str, dict]) -> list[str]:
+    """The table's setting: documents, useful adaptation steps per document, context, datastore, training."""
+    out = [
+        "### Setting",
+        "",
+        "Adaptation steps: the updates per document that a later scored segment uses (segments minus one under"
+        " reset per document). Mean base context: the earlier tokens of its document the model sees per scored token.",
+        "",
+        "| method | documents | tokens | adaptation steps per document (min / mean) | mean base context | datastore keys | training |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, s in sorted(settings.items()):
+        steps = f"{s['steps_min']} / {s['steps_mean']:.1f}" if s["adapts"] else "— (static)"
+        train = "; ".join(
+            f"{t['kind']}: {t['steps']} steps, best {t['best_step']}, stopped by {t['stopped_by']}"
+            + (
+                "; learned step sizes (mean at the best step): "
+                + ", ".join(f"{k} {v:.3g}" for k, v in sorted(t["eta"].items()))
+                if t["eta"]
+                else ""
+            )
+            for t in s["training"]
+        )
+        keys = "—" if s["datastore_keys"] is None else f"{s['datastore_keys']:,}"
+        out.append(
+            f"| {label} | {s['documents']} | {s['tokens']} | {steps} | {s['mean_context']:.0f} | {keys} | {train or '—'} |"
+        )
+    return out + [""]
 
 
 def _comparison_lines(label: str, ref: str, cell: str, ref_cell: str, result: dict) -> list[str]:
@@ -209,10 +231,10 @@ def _comparison_lines(label: str, ref: str, cell: str, ref_cell: str, result: di
         "",
         f"_cells `{cell}` and `{ref_cell}`_",
         "",
-        "| bucket | tokens | mean ΔNLL [95% CI] | share of total Δ |",
+        "| bucket | tokens | mean ΔNLL [95% CI] | Holm-adjusted p |",
         "|---|---|---|---|",
         *(
-            f"| {name} | {b['tokens']} | {_fmt(b)} | {'—' if b['share'] is None else format(100 * b['share'], '.0f') + '%'} |"
+            f"| {name} | {b['tokens']} | {_fmt(b)} | {'—' if b['p_holm'] is None else format(b['p_holm'], '.3g')} |"
             for name, b in result.items()
         ),
         "",
@@ -251,43 +273,10 @@ def _training(records: list[CellRecord]) -> list[str]:
     )
 
 
-def _claims(table: list[dict], comparisons: list[dict], against: str, names: dict[str, str]) -> list[str]:
-    """The papers' claims (SPEC 9; each method's `claim`) next to what this table measured."""
-    from tta_bench.api.method import method_class
+def _claims(table: list[dict], settings: dict, names: dict[str, str], gains: dict[str, str]) -> list[str]:
+    """The papers' claims (SPEC 9; each method's `claim` and `claim_setting`) next to this setting and
+    what this table measured (claims.py)."""
+    from tta_bench.results.claims import claim_rows
 
-    def where(method):
-        comp = next((c for c in comparisons if c["method"] == method and c["against"] == against), None)
-        if comp is None:
-            return "—"
-        out = []
-        for kind in ("frequency", "occurrence", "position"):
-            names = [n for n in comp["buckets"] if n.startswith(kind) and comp["buckets"][n]["mean"] is not None]
-            best = min(names, key=lambda n: comp["buckets"][n]["mean"], default=None)
-            if best:
-                out.append(f"{best} ({comp['buckets'][best]['mean']:+.3f})")
-        return "; ".join(out)
-
-    def num(v, spec):
-        return "n/a" if v is None else format(v, spec)
-
-    out = [
-        "| method | paper's claim | time × none | FLOPs × none | Δ ppl vs none | Δ ppl vs control | gains most (mean ΔNLL) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-
-    def claim_of(label):
-        try:
-            return method_class(names[label]).claim
-        except (KeyError, TTABenchError):  # a failed row, or a method no longer registered
-            return ""
-
-    for r in table:
-        claim = claim_of(r["method"]) if r.get("status") != "failed" else ""
-        if not claim:
-            continue
-        out.append(
-            f"| {r['method']} | {claim} | {num(r['time_x_none'], '.2f')} | {num(r['flops_x_none'], '.2f')} |"
-            f" {num((r['vs_none'] or {}).get('delta_ppl'), '+.2f')} | {num((r['vs_control'] or {}).get('delta_ppl'), '+.2f')} |"
-            f" {where(r['method'])} |"
-        )
-    return (["### Against the papers' claims", ""] + out + [""]) if len(out) > 2 else []
+    out = claim_rows(table, settings, names, gains)
+    return (["### Against the papers' claims", ""] + out + [""]) if out else []

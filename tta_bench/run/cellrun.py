@@ -119,7 +119,7 @@ def make_record(built, result) -> CellRecord:
     cell, stream, params = built.cell, built.stream, built.params
     cls = method_class(cell.method["name"])
     costs = _costs(built, result)  # first: the peak memory is the evaluation's, before the bootstrap allocates
-    metrics = _metrics(stream, result, cell.seed)
+    metrics = _metrics(stream, result)
     origin = provenance(built.lm.device, cell.seed, cls.requires)
     return CellRecord(
         cell_id=cell.cell_id,
@@ -132,6 +132,7 @@ def make_record(built, result) -> CellRecord:
             "fingerprint": stream.fingerprint,
             "n_docs": len(stream.docs),
             "n_tokens": stream.n_tokens,
+            **({"draw": stream.draw} if stream.draw is not None else {}),
         },
         metrics=metrics,
         per_doc=[
@@ -156,17 +157,18 @@ def _resolved(built, cls) -> dict:
         "model_window": lm.window,
         "model_source": lm.source,
         "model_fingerprint": lm.fingerprint,
+        "model_dtype": str(lm.dtype).removeprefix("torch."),  # what a model's `dtype: auto` resolved to
         "method_params": {k: getattr(built.params, k) for k in cls.param_fields()},
     }
 
 
-def _metrics(stream, result, seed: int) -> dict:
-    """The stream's totals (summarize) with their bootstrap CIs over documents."""
-    from tta_bench.protocol.metrics import bootstrap_ci, summarize
+def _metrics(stream, result) -> dict:
+    """The stream's totals (summarize) with their CIs over documents."""
+    from tta_bench.protocol.metrics import document_ci, summarize
 
     d_bytes, d_words = [d.n_bytes for d in stream.docs], [d.n_words for d in stream.docs]
     metrics = summarize(sum(result.doc_nll), stream.n_tokens, sum(d_bytes), sum(d_words))
-    metrics["ci95"] = bootstrap_ci(result.doc_nll, result.doc_tokens, d_bytes, d_words, seed=seed)
+    metrics["ci95"] = document_ci(result.doc_nll, result.doc_tokens, d_bytes, d_words)
     return metrics
 
 
