@@ -1,4 +1,4 @@
-"""Command line: run, prepare, validate, list, leaderboard, check."""
+"""Command line: run, prepare, validate, list, leaderboard, report, check, export."""
 
 from __future__ import annotations
 
@@ -8,11 +8,29 @@ import sys
 from tta_bench.api.errors import RunFailed, TTABenchError
 
 
+def _sets(args) -> list[str]:
+    """The lm-eval style flags as the `--set`s they stand for, then the `--set`s (a later one wins)."""
+    from tta_bench.run.overrides import flag_sets
+
+    flags = flag_sets(
+        models=args.model or (),
+        model_args=args.model_args,
+        tasks=args.task or (),
+        methods=args.method or (),
+        limit=args.limit,
+        limit_tokens=args.limit_tokens,
+        device=args.device,
+        output=args.output,
+    )
+    return flags + list(args.set or ())
+
+
 def _cmd_run(args) -> int:
     from tta_bench.run.runner import run
 
     run(
         args.bench,
+        sets=tuple(_sets(args)),
         force=args.force,
         progress=False if args.no_progress else None,
         check=True if args.check else None,
@@ -43,15 +61,16 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from tta_bench.run.config import read_yaml, validate
     from tta_bench.api.registry import IMPORTED
+    from tta_bench.run.overrides import FLAGS_ONLY, resolve
 
     before = len(IMPORTED)
-    cfg, problems = validate(read_yaml(args.bench), args.bench)
+    cfg, problems = resolve(args.bench, _sets(args))
+    name = args.bench or FLAGS_ONLY
     if IMPORTED[before:]:  # validating a plugin's parameters runs its code: say so
         print(f"imported plugin code: {', '.join(dict.fromkeys(IMPORTED[before:]))}", file=sys.stderr)
     if problems:
-        print(f"{args.bench}: {len(problems)} problem{'s' if len(problems) > 1 else ''}", file=sys.stderr)
+        print(f"{name}: {len(problems)} problem{'s' if len(problems) > 1 else ''}", file=sys.stderr)
         for p in problems:
             print(f"  {p}", file=sys.stderr)
         return 2
@@ -59,8 +78,10 @@ def _cmd_validate(args) -> int:
 
     n = len(expand(cfg, cfg.device))
     print(
-        f"{args.bench}: ok ({n} cell{'s' if n != 1 else ''}: {len(cfg.models)} model(s) x {len(cfg.tasks)} task(s) x"
-        f" {len(cfg.methods)} method setting(s) x {len(cfg.seeds)} seed(s))"
+        f"{name}: ok ({n} cell{'s' if n != 1 else ''}: {len(cfg.models)} model(s) x {len(cfg.tasks)} task(s) x"
+        f" {len(cfg.methods)} method setting(s) x {len(cfg.seeds)} seed(s)"
+        + (", and the seeds some methods list" if any("seeds" in m for m in cfg.methods) else "")
+        + ")"
     )
     return 0
 
@@ -98,14 +119,43 @@ def _cmd_leaderboard(args) -> int:
 def _cmd_prepare(args) -> int:
     from tta_bench.run.runner import prepare
 
-    prepare(args.bench, progress=False if args.no_progress else None)
+    prepare(args.bench, progress=False if args.no_progress else None, sets=tuple(_sets(args)))
     return 0
+
+
+def _cmd_export(args) -> int:
+    from tta_bench.results.export import export_lm_eval
+
+    for out in export_lm_eval(args.results, out=args.out):
+        print(f"wrote {out}")
+    return 0
+
+
+def _add_bench_arguments(p) -> None:
+    """A bench file, changed from the command line, or a bench from the flags alone (lm-eval's habits)."""
+    p.add_argument("bench", nargs="?", help="a bench YAML file (optional when --model, --task and --method are given)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="change one setting of the bench, read as YAML: protocol.segment_len=256, methods.3.lr=1e-3, models.*.dtype=auto",
+    )
+    p.add_argument("--model", action="append", help="a model (repeatable): replaces the bench's models")
+    p.add_argument("--model-args", help="settings of every model, lm-eval style: dtype=bfloat16,revision=main")
+    p.add_argument("--task", action="append", help="a task (repeatable): replaces the bench's tasks")
+    p.add_argument(
+        "--method", action="append", help="a method or '{name: cache, window: 512}' (repeatable): replaces the methods"
+    )
+    p.add_argument("--limit", type=int, help="the first N documents of each task (limits.docs)")
+    p.add_argument("--limit-tokens", type=int, help="at most N tokens of each task (limits.tokens)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (device)")
+    p.add_argument("--output", help="the run folder, e.g. runs/quick (output_dir and run)")
 
 
 def _add_run_commands(sub) -> None:
     """run and prepare: a bench file into cells."""
     r = sub.add_parser("run", help="run every unfinished cell of a bench file, then write the leaderboard")
-    r.add_argument("bench")
+    _add_bench_arguments(r)
     r.add_argument("--force", action="store_true", help="recompute cells that already have results")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument(
@@ -121,7 +171,7 @@ def _add_run_commands(sub) -> None:
         "prepare",
         help="run each cell's preparation (training, datastores, statistics) ahead of time; `run` then only evaluates",
     )
-    pr.add_argument("bench")
+    _add_bench_arguments(pr)
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
     pr.set_defaults(fn=_cmd_prepare)
 
@@ -142,8 +192,10 @@ def _add_inspection_commands(sub) -> None:
     )
     c.add_argument("--json", help="also write the full reports to this JSON file")
     c.set_defaults(fn=_cmd_check)
-    v = sub.add_parser("validate", help="check a bench file and report every problem")
-    v.add_argument("bench")
+    v = sub.add_parser(
+        "validate", help="check a bench file (with the same --set and flags as run) and report every problem"
+    )
+    _add_bench_arguments(v)
     v.set_defaults(fn=_cmd_validate)
     ls = sub.add_parser("list", help="methods, tasks and models with a one-line description")
     ls.add_argument("kind", nargs="?", choices=["methods", "tasks", "models"])
@@ -176,6 +228,13 @@ def _add_results_commands(sub) -> None:
         help="the baseline label (default: none); each method is also set against its control",
     )
     rp.set_defaults(fn=_cmd_report)
+    ex = sub.add_parser(
+        "export", help="a results folder in lm-evaluation-harness's layout: results_<date>.json and samples_*.jsonl"
+    )
+    ex.add_argument("results", help="a results folder (e.g. results/study)")
+    ex.add_argument("--format", choices=["lm-eval"], default="lm-eval", help="the layout (default: lm-eval)")
+    ex.add_argument("--out", help="where to write (default: RESULTS/lm-eval)")
+    ex.set_defaults(fn=_cmd_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,8 +7,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union
 
 from tta_bench._paths import cache_dir
 from tta_bench.api.errors import TTABenchError
@@ -16,6 +17,11 @@ from tta_bench.api.registry import REGISTRIES, register_model
 
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What every model entry may give besides name and label: its own dtype (over the bench's; `auto`:
+# the checkpoint's); a Hugging Face model (hub id or local folder) also these, as from_pretrained takes them.
+DTYPE_SETTING = {"dtype": Literal["auto", "float32", "bfloat16", "float16"]}
+HF_SETTINGS = {"device_map": Union[str, dict, None], "trust_remote_code": bool}
+_TRUST_WARNED: set[str] = set()  # the models whose remote code this process was warned about
 
 
 def resolve_device(device: str):
@@ -30,9 +36,10 @@ def resolve_device(device: str):
 
 
 def _dtype(name: str):
+    """The torch dtype of a dtype setting; `auto` stays "auto" (from_pretrained: the checkpoint's own)."""
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[name]
 
 
 def _fingerprint(model) -> str:
@@ -46,10 +53,15 @@ def _fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _finish(model, tokenizer, name, device, dtype, source, fingerprint=None):
+def _finish(model, tokenizer, name, device, dtype, source, fingerprint=None, placed=False):
+    """The loaded model as an LM; `placed`: from_pretrained's device_map put the weights already (the
+    inputs then go where the embeddings are)."""
     from tta_bench.protocol.lm import LM, ByteTokenizer, TokenizerAdapter
 
-    model = model.to(device=device, dtype=_dtype(dtype))
+    if placed:
+        device = model.get_input_embeddings().weight.device
+    else:
+        model = model.to(device=device) if dtype == "auto" else model.to(device=device, dtype=_dtype(dtype))
     for p in model.parameters():
         p.requires_grad_(False)
     window = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
@@ -61,22 +73,53 @@ def _finish(model, tokenizer, name, device, dtype, source, fingerprint=None):
             f"model {name} has {rows} embedding rows but its tokenizer gives ids up to {n_ids - 1};"
             " pair the model with its own tokenizer"
         )
-    return LM(model, tok, name, fingerprint or _fingerprint(model), int(window), device, _dtype(dtype), source)
+    model_dtype = next(model.parameters()).dtype
+    return LM(model, tok, name, fingerprint or _fingerprint(model), int(window), device, model_dtype, source)
 
 
-def load_hf(ref: str, device, dtype: str, name: str | None = None, revision: str | None = None):
-    """Hub id or local folder."""
+def load_hf(
+    ref: str,
+    device,
+    dtype: str,
+    name: str | None = None,
+    revision: str | None = None,
+    device_map=None,
+    trust_remote_code: bool = False,
+):
+    """Hub id or local folder; the settings as from_pretrained takes them. Remote code (a model
+    class shipped with the checkpoint) runs only when the bench says trust_remote_code: true."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {"revision": revision} if revision else {}
+    if trust_remote_code:
+        kw["trust_remote_code"] = True
+        _warn_remote_code(ref)
+    placement = {} if device_map is None else {"device_map": device_map}
     try:
         tok = AutoTokenizer.from_pretrained(ref, **kw)
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=_dtype(dtype), **kw)
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=_dtype(dtype), **placement, **kw)
     except OSError as e:
         raise TTABenchError(
             f"cannot load model '{ref}' ({str(e).splitlines()[0][:160]}); give a local folder or check network access to the Hugging Face Hub"
         ) from None
-    return _finish(model, tok, name or ref, device, dtype, f"hf:{ref}" + (f"@{revision}" if revision else ""))
+    except ValueError as e:
+        if "trust_remote_code" not in str(e) or trust_remote_code:
+            raise
+        raise TTABenchError(
+            f"model '{ref}' ships its own code; if you trust it, set `trust_remote_code: true` in its model entry"
+        ) from None
+    source = f"hf:{ref}" + (f"@{revision}" if revision else "") + (" (remote code)" if trust_remote_code else "")
+    return _finish(model, tok, name or ref, device, dtype, source, placed=device_map is not None)
+
+
+def _warn_remote_code(ref: str) -> None:
+    """Once per process and model: loading it runs code that came with the checkpoint."""
+    if ref not in _TRUST_WARNED:
+        _TRUST_WARNED.add(ref)
+        print(
+            f"warning: trust_remote_code: true for model '{ref}': its own Python code runs in this process",
+            file=sys.stderr,
+        )
 
 
 def load_gguf(path: str, device, dtype: str, name: str | None = None):
@@ -110,7 +153,7 @@ def load_gguf(path: str, device, dtype: str, name: str | None = None):
     info = json.loads(meta.read_text())
     tok = AutoTokenizer.from_pretrained(str(cached))
     model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=_dtype(dtype))
-    fp = info["fingerprint"] if dtype == "float32" else None
+    fp = info["fingerprint"] if dtype in ("float32", "auto") else None  # the cache holds float32
     return _finish(model, tok, name or path.stem, device, dtype, f"gguf:{path}", fp)
 
 
@@ -192,8 +235,9 @@ def check_model_ref(ref: str) -> str | None:
 
 
 def model_param_types(ref: str) -> dict:
-    """The settings a bench file may give a model besides name and label, with their types: a
-    registered model's keyword parameters, `revision` for a hub model, nothing for a local file."""
+    """The settings a bench file may give a model besides name and label, with their types: its
+    dtype; a registered model's keyword parameters; revision, device_map and trust_remote_code for
+    a hub model (a local Hugging Face folder: the last two)."""
     import inspect
     import typing
 
@@ -202,14 +246,14 @@ def model_param_types(ref: str) -> dict:
     if normalize(ref) in REGISTRIES["model"].entries:
         fn = REGISTRIES["model"].get(ref)
         hints = typing.get_type_hints(fn)
-        return {
+        return DTYPE_SETTING | {
             n: hints.get(n, typing.Any)
             for n, p in inspect.signature(fn).parameters.items()
             if n not in ("device", "dtype") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
     if ref.startswith("hf:") or not looks_like_path(ref):
-        return {"revision": str}
-    return {}
+        return DTYPE_SETTING | HF_SETTINGS | {"revision": str}
+    return DTYPE_SETTING | ({} if ref.endswith(".gguf") else HF_SETTINGS)
 
 
 def model_param_problems(ref: str, given: dict, where: str) -> list[str]:

@@ -13,6 +13,7 @@ from tta_bench.run.cellrun import prepare_summary, retain_freed_memory
 from tta_bench.run.cells import StreamCache, build_cell, chosen_cell, selection_cells
 from tta_bench.api.errors import RunFailed, TTABenchError
 from tta_bench.run.options import RunOptions
+from tta_bench.run import overrides
 from tta_bench.run.resume import resume_key
 from tta_bench.results.files import RunLock, writable_problem
 from tta_bench.results.records import CellRecord, cell_path
@@ -26,8 +27,9 @@ def preflight(cfg: config_mod.BenchConfig) -> None:
 
 
 def run(
-    path: str,
+    path: str | None,
     *,
+    sets: tuple = (),
     force: bool = False,
     progress: bool | None = None,
     check: bool | None = None,
@@ -36,15 +38,17 @@ def run(
 ) -> Path:
     """Run every cell of the bench file that has no current result; return the run folder. A cell
     that fails is recorded as failed and the others still run; `RunFailed` is raised at the end
-    when any did. `force`, `progress`, `check` and `log_tokens` are the command line's choices
-    (None: the bench file's; see RunOptions). Under torchrun each cell's documents are shared out
-    among the processes (sharded.py); with `executor: ray | slurm` the (model, task, seed) groups
-    run as remote jobs (executors.py)."""
+    when any did. `sets`: the command line's `--set key=value` changes to the bench (overrides.py;
+    path None: a bench from them alone), recorded in the run folder and each cell. `force`,
+    `progress`, `check` and `log_tokens` are the command line's choices (None: the bench file's;
+    see RunOptions). Under torchrun each cell's documents are shared out among the processes
+    (sharded.py); with `executor: ray | slurm` the (model, task, seed) groups run as remote jobs
+    (executors.py)."""
     from tta_bench.protocol.models import resolve_device
     from tta_bench.run.sharded import run_sharded, world_size
 
-    cfg = config_mod.load(path)
-    options = RunOptions.resolve(cfg, force, progress, check, log_tokens)
+    cfg = overrides.load(path, sets)
+    options = RunOptions.resolve(cfg, force, progress, check, log_tokens, sets)
     if world_size() > 1:
         return run_sharded(cfg, options, log)
     preflight(cfg)
@@ -61,8 +65,9 @@ def run(
 
 
 def _run_cells(cfg: config_mod.BenchConfig, cells, device, options: RunOptions, log) -> list[CellRecord]:
-    """The cells without a current result (here, every one checked before any runs; or remotely),
-    then the tables and the reproduction check, all under the run folder's lock."""
+    """The bench as resolved (resolved-bench.yaml), the cells without a current result (here, every
+    one checked before any runs; or remotely), then the tables and the reproduction check, all
+    under the run folder's lock."""
     run_dir = cfg.run_dir
     if cfg.executor["name"] == "local":
         worker = Worker(cfg, device, options, log)
@@ -70,6 +75,7 @@ def _run_cells(cfg: config_mod.BenchConfig, cells, device, options: RunOptions, 
     with RunLock(run_dir):
         for tmp in (run_dir / "cells").glob(".*.tmp*"):  # left by a run killed mid-write; never read
             tmp.unlink()
+        overrides.write_resolved(cfg, options.overrides)  # the bench as this run resolved it, overrides listed
         if cfg.executor["name"] == "local":
             records = worker.run(cells, keys)
         else:
@@ -106,12 +112,12 @@ def _tables_current(run_dir: Path, cells) -> bool:
         return False
 
 
-def prepare(path: str, progress: bool | None = None, log=print) -> int:
+def prepare(path: str | None, progress: bool | None = None, log=print, sets: tuple = ()) -> int:
     """`tta-bench prepare`: each cell's preparation (training, datastores, statistics), cached where
     `run` finds it; returns the number of cells prepared. A `select_on` cell prepares every candidate."""
     from tta_bench.protocol.models import resolve_device
 
-    cfg = config_mod.load(path)
+    cfg = overrides.load(path, sets)
     device = resolve_device(cfg.device)
     cells = config_mod.expand(cfg, device.type)
     show = RunOptions.resolve(cfg, progress=progress).progress

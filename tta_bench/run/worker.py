@@ -29,6 +29,9 @@ class Worker:
         self.cfg, self.log, self.write = cfg, log, write
         self.options = RunOptions.resolve(cfg) if options is None else options
         self.models, self.streams = ModelCache(device, cfg.dtype, log), StreamCache()
+        from tta_bench.protocol.shared_pass import SharedPasses
+
+        self.passes = SharedPasses()
 
     def keys(self, cells) -> dict:
         keys = {}
@@ -62,8 +65,13 @@ class Worker:
                 self.log(
                     f"[{i}/{len(group)}] {cell.label} on {cell.task['name']}:{cell.task['split']} seed {cell.seed}"
                 )
-                record = _run_or_fail(cell, lm, self.streams, self.options, self.log)
+                lm.passes = self.passes  # the frozen base model's passes, shared by this run's cells
+                try:
+                    record = _run_or_fail(cell, lm, self.streams, self.options, self.log)
+                finally:
+                    lm.passes = None
                 record.resume_key = keys[cell.cell_id]
+                record.provenance["overrides"] = list(self.options.overrides)
                 if self.write:
                     write_record(self.cfg.run_dir, record)
                 records.append(record)
@@ -177,8 +185,9 @@ class ModelCache:
         if key != self.key:
             self.lm = None  # free the previous model first
             t0 = time.perf_counter()
-            extra = {k: v for k, v in spec.items() if k not in ("name", "label")}
-            self.lm = load_model(spec["name"], device=str(self.device), dtype=self.dtype, **extra)
+            extra = {k: v for k, v in spec.items() if k not in ("name", "label", "dtype")}
+            dtype = spec.get("dtype", self.dtype)  # a model's own dtype wins over the bench's
+            self.lm = load_model(spec["name"], device=str(self.device), dtype=dtype, **extra)
             self.key = key
             self.log(f"loaded {spec['name']} ({self.lm.source}) on {self.device} in {time.perf_counter() - t0:.1f}s")
         return self.lm
