@@ -121,6 +121,44 @@ def test_torchrun_shares_out_documents_with_per_document_nll_bit_identical(tmp_p
         assert all(c["costs"]["ranks"] == 2 for c in cells)
 
 
+# Runs `tta_bench run` in a torchrun rank and, once it has returned, names the threads still there.
+THREADS_AFTER_RUN = """
+import os, sys
+from pathlib import Path
+from tta_bench.cli import main
+
+code = main(sys.argv[1:])
+names = sorted(p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm"))
+print(f"rank {os.environ['RANK']} threads:", *names)
+sys.exit(code)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from /proc")
+def test_torchrun_ranks_join_their_gloo_threads_before_the_interpreter_shuts_down(tmp_path, corpus):
+    """Issue 21: a gloo worker thread still running at interpreter shutdown, releasing a finished
+    collective's tensors, takes the GIL; Python ends the thread and the rank aborts (`terminate called
+    without an active exception`). The run must free its process group, and so join those threads."""
+    driver = tmp_path / "threads_after_run.py"
+    driver.write_text(THREADS_AFTER_RUN)
+    bench = write_bench(tmp_path, corpus, methods=["none"], limits={"docs": 3})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver)]
+        + ["run", str(bench), "--no-progress"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = sorted(line for line in out.stdout.splitlines() if " threads:" in line)
+    assert [line.split()[1] for line in lines] == ["0", "1"], out.stdout
+    for line in lines:
+        assert "pt_gloo_runloop" not in line.split() and "gloo_tcp_loop" not in line.split(), line
+
+
 def test_torchrun_refuses_reset_never(tmp_path, corpus):
     bench = write_bench(tmp_path, corpus, protocol={"segment_len": 16, "context_len": 8, "reset": "never"})
     out = _torchrun(bench, 2, {**os.environ, "OMP_NUM_THREADS": "1"})

@@ -50,13 +50,17 @@ def run_sharded(cfg, options: RunOptions, log) -> Path:
         torch.cuda.set_device(device)
     cells = expand(cfg, device.type)
     _refuse_unshardable(cells)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _init_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     say = log if rank == 0 else (lambda *a: None)
     try:
         worker = Worker(cfg, device, dataclasses.replace(options, progress=False), log=say, write=False)
         keys = worker.keys(cells)
         with RunLock(cfg.run_dir) if rank == 0 else nullcontext():
+            if rank == 0:
+                from tta_bench.run.overrides import write_resolved
+
+                write_resolved(cfg, options.overrides)
             todo = [worker.todo(cells, keys) if rank == 0 else None]
             dist.broadcast_object_list(todo, src=0)
             for cell in todo[0]:
@@ -66,6 +70,7 @@ def run_sharded(cfg, options: RunOptions, log) -> Path:
                 record = _cell(cell, worker, rank, world)
                 if rank == 0:
                     record.resume_key = keys[cell.cell_id]
+                    record.provenance["overrides"] = list(worker.options.overrides)
                     write_record(cfg.run_dir, record)
                     say(record_summary(record))
             if rank == 0:
@@ -74,8 +79,21 @@ def run_sharded(cfg, options: RunOptions, log) -> Path:
                 for o in write_leaderboard(cfg.run_dir, cell_ids={c.cell_id for c in cells}, log=say):
                     say(f"wrote {o}")
     finally:
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # frees the group: its backend's destructor joins its threads
     return cfg.run_dir
+
+
+def _init_group(backend: str) -> None:
+    """The default process group, with torch.distributed.nn imported first: that module binds the
+    default group of its import into ten default arguments. Imported later (transformers does, by way
+    of FSDP, when it loads a model), it would keep the group alive past destroy_process_group, and
+    with it the gloo worker threads into interpreter shutdown, where one that releases a finished
+    collective's tensors takes the GIL, Python ends the thread (pthread_exit) and its unwinding
+    through a noexcept destructor aborts the rank: `terminate called without an active exception`."""
+    import torch.distributed as dist
+    import torch.distributed.nn  # noqa: F401
+
+    dist.init_process_group(backend)
 
 
 def _refuse_unshardable(cells) -> None:
