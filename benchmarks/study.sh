@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The GPU study (bench-gpu.yaml) from a clean checkout: prepares and evaluates every cell on the first
-# CUDA device, then publishes the leaderboard under results/study-gpu with the device named in every
-# row's table heading. Usage: bash benchmarks/gpu_study.sh [--publish]
+# The full study (bench-study.yaml) from a clean checkout, on the first CUDA device when there is one,
+# else on the CPU; extra arguments go to `run` (on 2 CPU cores: --set 'seeds=[0]'). With --publish,
+# the cells go to results/study and its leaderboard and report are written there.
+# Usage: bash benchmarks/study.sh [--publish] [run arguments...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+publish=0
+if [ "${1:-}" = "--publish" ]; then publish=1; shift; fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU: the study runs on the CPU"
 start=$(date +%s)
-"$python" -m tta_bench run bench-gpu.yaml --no-progress
-echo "study-gpu: $(( $(date +%s) - start )) s wall-clock, prepare included"
-if [ "${1:-}" = "--publish" ]; then
-  rm -rf results/study-gpu && mkdir -p results/study-gpu && cp -r runs/study-gpu/cells results/study-gpu/
-  "$python" -m tta_bench leaderboard results/study-gpu
+"$python" -m tta_bench run bench-study.yaml --no-progress "$@"
+echo "study: $(( $(date +%s) - start )) s wall-clock, prepare and tuning included"
+if [ "$publish" = 1 ]; then
+  rm -rf results/study && mkdir -p results/study && cp -r runs/study/cells results/study/
+  "$python" -m tta_bench leaderboard results/study
+  "$python" -m tta_bench report results/study
 fi

@@ -231,7 +231,7 @@ def _add_results_commands(sub) -> None:
     ex = sub.add_parser(
         "export", help="a results folder in lm-evaluation-harness's layout: results_<date>.json and samples_*.jsonl"
     )
-    ex.add_argument("results", help="a results folder (e.g. results/study)")
+    ex.add_argument("results", help="a results folder (e.g. results/pilot)")
     ex.add_argument("--format", choices=["lm-eval"], default="lm-eval", help="the layout (default: lm-eval)")
     ex.add_argument("--out", help="where to write (default: RESULTS/lm-eval)")
     ex.set_defaults(fn=_cmd_export)

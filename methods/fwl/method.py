@@ -177,7 +177,8 @@ class FastWeightLayers(Method):
                     folder / "block.safetensors", block, base, info, stream_runs([d.ids for d in stream.docs])
                 )
                 return {
-                    k: info[k] for k in ("train_seconds", "train_tokens", "steps", "best_step", "val_nll", "history")
+                    k: info[k]
+                    for k in ("train_seconds", "train_tokens", "steps", "stopped_by", "best_step", "val_nll", "history")
                 }
 
             train_key = train_fields(p)
