@@ -157,7 +157,7 @@ def test_remote_code_runs_only_when_the_bench_says_so(tmp_path, corpus, modules_
     _save(folder, dtype=torch.float32, shipped=True)
     with pytest.raises(TTABenchError, match="set `trust_remote_code: true` in its model entry"):
         load_model(str(folder), device="cpu")
-    assert "warning" not in capsys.readouterr().err
+    assert "warning: trust_remote_code" not in capsys.readouterr().err  # refused: nothing ran, no warning
 
     bench = write_bench(tmp_path, corpus, models=[{"name": str(folder), "trust_remote_code": True}])
     bench.write_text(bench.read_text() + "limits: {tokens: 48}\n")
