@@ -126,10 +126,11 @@ class LM:
             # copies: what a method does to its tensors never reaches the shared pass
             ffn = None if found.ffn_input is None else found.ffn_input.to(self.device, copy=True)
             return found.hidden.to(self.device, copy=True), ffn
+        if key is None:  # not shareable: no stopwatch, whose CUDA synchronisations it would pay for nothing
+            return self._hidden_and_ffn_input(ids) if need_ffn else (self.forward(ids).last_hidden_state, None)
         with Stopwatch(self.device) as watch:
             h, f = self._hidden_and_ffn_input(ids) if need_ffn else (self.forward(ids).last_hidden_state, None)
-        if key is not None:
-            self.passes.put(key, h, f, watch.seconds)
+        self.passes.put(key, h, f, watch.seconds)
         return h, f
 
     def last_ffn(self) -> tuple[str, torch.nn.Module]:

@@ -59,7 +59,7 @@ class SharedPasses:
 
     def put(self, key: tuple, hidden: torch.Tensor, ffn_input: torch.Tensor | None, seconds: float) -> None:
         item = Pass(hidden.detach().cpu(), None if ffn_input is None else ffn_input.detach().cpu(), seconds)
-        size = sum(t.numel() * t.element_size() for t in (item.hidden, item.ffn_input) if t is not None)
+        size = _size(item)
         if size > self.max_bytes:
             return
         old = self.entries.pop(key, None)
