@@ -336,6 +336,34 @@ def test_select_on_picks_best_on_the_other_split(corpus, tmp_path):
     json.dumps(record.to_json())  # the record stays serialisable
 
 
+def test_tasks_that_tune_on_the_same_text_try_each_setting_once(corpus, tmp_path, monkeypatch):
+    from tta_bench.run import cellrun
+    from tta_bench.run.config import expand, load
+
+    calls = []
+    try_setting = cellrun._try_setting
+    monkeypatch.setattr(cellrun, "_try_setting", lambda sub, *a: calls.append(sub) or try_setting(sub, *a))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "doc0.txt").write_text("a different text to tune on, " * 20, encoding="utf-8")
+    tasks = [
+        {"name": "text", "split": "test", "splits": corpus},
+        {"name": "text", "label": "same text", "split": "test", "splits": dict(corpus)},
+        {"name": "text", "label": "other text", "split": "test", "splits": {**corpus, "train": str(other)}},
+    ]
+    grid = {"name": "dynamic-eval", "lr": [1e-4, 0.03], "select_on": "train"}
+    cells = expand(load(str(write_bench(tmp_path, corpus, tasks=tasks, methods=[grid]))), "cpu")
+    lm, streams = load_model("tiny", device="cpu"), cellrun.StreamCache()
+    records = [cellrun.run_cell(c, lm, streams, progress=False) for c in cells]
+    # the second task (another name for the same text) reuses the first's candidates; the third has its own
+    assert cells[0].cell_id != cells[1].cell_id
+    assert len(calls) == 4
+    first, same, other_text = (r.selection["candidates"] for r in records)
+    assert same == first and [c["nll_sum"] for c in other_text] != [c["nll_sum"] for c in first]
+    alone = cellrun.run_cell(cells[1], lm, cellrun.StreamCache(), progress=False).selection["candidates"]
+    assert [c["nll_sum"] for c in alone] == pytest.approx([c["nll_sum"] for c in same], rel=1e-12)
+
+
 @pytest.mark.slow
 def test_smollm2_sgd_lowers_wikitext2_perplexity():
     """The issue's acceptance: WikiText-2 test, first 20,000 tokens, segments of 128, no context, one

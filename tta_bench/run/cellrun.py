@@ -5,6 +5,7 @@ its setting on the selection split first."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from tta_bench.run.cells import StreamCache, build_cell, chosen_cell, selection_cells
@@ -234,13 +235,30 @@ def _try_settings(
     """Each candidate's NLL on the selection split (None where it failed), and the first failure."""
     tried, first_error = [], None
     for sub in candidates:
-        params = sub.method["params"]
-        try:
-            m = run_cell(sub, lm, streams, progress=progress, log=log).metrics
-            tried.append(
-                {"params": params, "token_ppl": m["token_ppl"], "nll_sum": m["nll_sum"], "n_tokens": m["n_tokens"]}
-            )
-        except TTABenchError as e:  # e.g. a learning rate that diverges: that setting loses
-            first_error = first_error or e
-            tried.append({"params": params, "token_ppl": None, "nll_sum": None, "error": str(e)})
+        key = _candidate_key(sub, lm, streams)
+        if key not in streams.tried:
+            streams.tried[key] = _try_setting(sub, lm, streams, progress, log)
+        entry, error = streams.tried[key]
+        tried.append(entry)
+        first_error = first_error or error
     return tried, first_error
+
+
+def _try_setting(sub: Cell, lm, streams: StreamCache, progress: bool, log) -> tuple[dict, Exception | None]:
+    params = sub.method["params"]
+    try:
+        m = run_cell(sub, lm, streams, progress=progress, log=log).metrics
+    except TTABenchError as e:  # e.g. a learning rate that diverges: that setting loses
+        return {"params": params, "token_ppl": None, "nll_sum": None, "error": str(e)}, e
+    return {"params": params, "token_ppl": m["token_ppl"], "nll_sum": m["nll_sum"], "n_tokens": m["n_tokens"]}, None
+
+
+def _candidate_key(sub: Cell, lm, streams: StreamCache) -> tuple:
+    """A candidate by what decides its result: its setting, and the text of its two splits (not their task's name)."""
+    task = sub.task
+    setting = {k: v for k, v in sub.as_dict().items() if k != "task"}
+    return (
+        json.dumps(setting, sort_keys=True),
+        streams.content_key(lm, task, task["split"], sub.limits),
+        task["prepare_split"] and streams.content_key(lm, task, task["prepare_split"], {}),
+    )

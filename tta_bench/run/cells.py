@@ -60,14 +60,25 @@ class StreamCache:
 
     def __init__(self):
         self.cache = {}
+        self.texts = {}
+        # select_on candidates' results, keyed by what they read (content_key): two tasks that tune on
+        # the same text (a text task borrowing WikiText-2 valid) try each setting once
+        self.tried = {}
+
+    def content_key(self, lm, task_entry: dict, split: str, limits: dict) -> tuple:
+        """What a stream is made of, whichever task names it: tokenizer, documents' text, limits."""
+        key = (json.dumps(task_entry, sort_keys=True), split)
+        if key not in self.texts:
+            docs = get("task", task_entry["name"])(**task_entry["params"]).split_documents(split)
+            self.texts[key] = docs, hashlib.sha256(json.dumps([(d.title, d.text) for d in docs]).encode()).hexdigest()
+        return lm.fingerprint, self.texts[key][1], json.dumps(limits, sort_keys=True)
 
     def get(self, lm, task_entry: dict, split: str, limits: dict) -> Stream:
         key = (lm.fingerprint, json.dumps(task_entry, sort_keys=True), split, json.dumps(limits, sort_keys=True))
         if key not in self.cache:
-            docs = get("task", task_entry["name"])(**task_entry["params"]).split_documents(split)
             # the same text read by two tasks (a text task borrowing WikiText-2 valid) is tokenized once
-            text = hashlib.sha256(json.dumps([(d.title, d.text) for d in docs]).encode()).hexdigest()
-            same = (lm.fingerprint, text, json.dumps(limits, sort_keys=True))
+            same = self.content_key(lm, task_entry, split, limits)
+            docs = self.texts[(json.dumps(task_entry, sort_keys=True), split)][0]
             if same not in self.cache:
                 self.cache[same] = tokenize(
                     docs,
