@@ -180,10 +180,25 @@ class Finetune(Method):
             for k, v in tensors.items():
                 named[k].copy_(v)
 
+    @classmethod
+    def runs_in_lanes(cls, params) -> bool:
+        return True  # static after prepare: lanes only batch the forward
+
+    def open_lanes(self, n):
+        pass
+
+    def reset_lane(self, lane):
+        pass
+
     @torch.no_grad()
     def score(self, seg):
         h = self.lm.hidden(seg.ids, model=self.model)[0, -seg.n :]
         return F.log_softmax(self.lm.logits(h, model=self.model), dim=-1)
+
+    @torch.no_grad()
+    def score_lanes(self, segs):
+        hs = [h[-s.n :] for h, s in zip(self.lm.hidden_lanes([s.ids for s in segs], model=self.model), segs)]
+        return list(F.log_softmax(self.lm.logits_rows(hs, model=self.model), dim=-1).split([s.n for s in segs]))
 
     def close(self):
         self.model = None

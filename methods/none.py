@@ -16,6 +16,20 @@ class NoAdaptation(Method):
     def adapts_at_test_time(cls, params) -> bool:
         return False
 
+    @classmethod
+    def runs_in_lanes(cls, params) -> bool:
+        return True  # no state: lanes only batch the forward
+
+    def open_lanes(self, n):
+        pass
+
+    def reset_lane(self, lane):
+        pass
+
     @torch.no_grad()
     def score(self, seg):
         return self.lm.logprobs(seg.ids, seg.n)
+
+    @torch.no_grad()
+    def score_lanes(self, segs):
+        return self.lm.logprobs_lanes([s.ids for s in segs], [s.n for s in segs])

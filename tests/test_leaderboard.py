@@ -227,6 +227,24 @@ def test_readme_block_is_regenerated_in_place(results, tmp_path):
     assert "| lb-uniform" in text and "![ΔNLL/token against FLOPs and time" in text
 
 
+def test_a_readme_with_a_block_per_results_folder_gets_each_folders_tables_in_its_own(results, tmp_path):
+    run_dir, _ = results
+    name = run_dir.name
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"a\n<!-- results:{name}:start -->\nSTALE-TABLE\n<!-- results:{name}:end -->\n"
+        "b\n<!-- results:other:start -->\nkept\n<!-- results:other:end -->\nc\n"
+    )
+    write_leaderboard(run_dir, readme=readme)
+    text = readme.read_text()
+    ours = text.split(f"<!-- results:{name}:start -->")[1].split(f"<!-- results:{name}:end -->")[0]
+    assert "| lb-uniform" in ours and "STALE-TABLE" not in ours
+    assert "<!-- results:other:start -->\nkept\n<!-- results:other:end -->" in text and text.endswith("c\n")
+    readme.write_text("no markers\n")
+    with pytest.raises(TTABenchError, match=f"results:{name}:start"):
+        write_leaderboard(run_dir, readme=readme)
+
+
 def test_a_rerun_that_computes_nothing_keeps_the_tables_unless_one_is_missing(results):
     run_dir, bench = results
     said = []

@@ -202,6 +202,19 @@ def test_the_setting_counts_steps_and_context_as_the_protocol_scores():
     assert s["datastore_keys"] == 16384 and testable(s, "")[0] == "partly"
 
 
+def test_a_claim_of_a_gain_is_supported_only_by_a_significant_one_of_some_size():
+    from tta_bench.results.claims import NEGLIGIBLE, _consistent
+
+    def d(delta, significant=True):
+        return {"delta_nll": delta, "significant": significant, "declared": True, "excludes_zero": significant}
+
+    assert _consistent("yes", d(-0.05), 16) == "consistent: a significant gain"
+    assert _consistent("yes", d(-NEGLIGIBLE / 10), 16).startswith("not consistent: a significant but negligible gain")
+    assert _consistent("yes", d(+0.05), 16) == "not consistent: significantly worse"
+    assert _consistent("yes", d(-0.05, significant=False), 16) == "no significant effect at 16 documents"
+    assert _consistent("no", d(-0.05), 16) == "not testable here"
+
+
 def test_gains_most_lists_only_significant_gains():
     from tta_bench.results.report import gains_most
 

@@ -218,16 +218,18 @@ class FastWeightLayers(Method):
     def _hidden(self, ids):
         return self.lm.hidden(ids, model=self.model)  # the private copy when the top blocks were fine-tuned
 
-    def _logprobs(self, seg):
+    def _logprobs(self, seg, hidden=None, scope=None, gate=None):
         """(n, V) log-probabilities of the segment's targets (gated: mixed with the base model's); records
-        the block's forward in the ledger."""
+        the block's forward in the ledger. A lane gives its base hidden states, fast state and gate."""
         if self.block is None:
             raise TTABenchError("fwl: score() before prepare(); the block is trained or loaded in prepare")
+        scope = self.scope if scope is None else scope
+        gate = self.gate if gate is None else gate
         n, L = seg.n, seg.ids.shape[1]
-        h = self.scope.new_positions(self._hidden(seg.ids), n)
+        h = scope.new_positions(self._hidden(seg.ids) if hidden is None else hidden, n)
         base = self.lm.logits(h)
-        lp = F.log_softmax(self.scope.logits(h, base, seg.ids, n, self.ledger), -1)
-        return self.gate.mix(lp, base[0, -n:], seg.ids[0, L - n + 1 :])
+        lp = F.log_softmax(scope.logits(h, base, seg.ids, n, self.ledger), -1)
+        return gate.mix(lp, base[0, -n:], seg.ids[0, L - n + 1 :])
 
     @torch.no_grad()
     def score(self, seg):
@@ -235,8 +237,36 @@ class FastWeightLayers(Method):
 
     @torch.no_grad()
     def adapt(self, seg):
-        self.scope.commit(seg.targets[-1:].view(1, 1), self.ledger)
-        self.gate.commit(int(seg.targets[-1]))
+        self._commit(seg, self.scope, self.gate)
+
+    def _commit(self, seg, scope, gate):
+        scope.commit(seg.targets[-1:].view(1, 1), self.ledger)
+        gate.commit(int(seg.targets[-1]))
+
+    # -- lanes: the base forward batched, a fast state and a gate per lane, the block run per lane ----
+    @classmethod
+    def runs_in_lanes(cls, params) -> bool:
+        return True
+
+    def open_lanes(self, n):
+        self._lane_states = [(self.scope, self.gate)] + [
+            (make_scope(self.params, self.block, self.lm.device), make_gate(self.params)) for _ in range(n - 1)
+        ]
+
+    def reset_lane(self, lane):
+        scope, gate = self._lane_states[lane]
+        scope.reset()
+        gate.reset()
+
+    @torch.no_grad()
+    def score_lanes(self, segs):
+        hs = self.lm.hidden_lanes([s.ids for s in segs], model=self.model)
+        return [self._logprobs(s, h.unsqueeze(0), *self._lane_states[s.lane]) for s, h in zip(segs, hs)]
+
+    @torch.no_grad()
+    def adapt_lanes(self, segs):
+        for s in segs:
+            self._commit(s, *self._lane_states[s.lane])
 
     def close(self):
         self.model = None
@@ -294,6 +324,10 @@ class FWLDynamicEval(FastWeightLayers):
     @classmethod
     def control(cls, params):
         return static_control(params)
+
+    @classmethod
+    def runs_in_lanes(cls, params) -> bool:
+        return False  # dynamic evaluation's adapted weights are one lane's
 
     def __init__(self, lm, params, seed=0, protocol=None):
         super().__init__(lm, params, seed, protocol)

@@ -71,6 +71,13 @@ class KeyReader:
         h, f = self.lm.hidden_and_ffn_input(ids)
         return h[0, -n:], f[0, -n:].float()
 
+    def lanes(self, segs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(h, keys) of each lane's segment, as __call__ gives them, from one batched forward."""
+        inputs = [s.ids for s in segs]
+        if self.key == "hidden":
+            return [(h[-s.n :], h[-s.n :].float()) for h, s in zip(self.lm.hidden_lanes(inputs), segs)]
+        return [(h[-s.n :], f[-s.n :].float()) for (h, f), s in zip(self.lm.hidden_and_ffn_input_lanes(inputs), segs)]
+
 
 def _ffn_or_error(lm) -> None:
     try:
@@ -289,6 +296,13 @@ class KnnPart:
         self.method.ledger.add("search.knn", flops)
         self._pending = key
         return mix(lp, self.p.lam, tokens, weights)
+
+    def apply_lanes(self, lps: list[torch.Tensor], keys: list[torch.Tensor]) -> list[torch.Tensor]:
+        """apply() for several lanes' rows with one search (lanes run without the online part)."""
+        tokens, weights, flops = self.store.neighbours(torch.cat(keys))
+        self.method.ledger.add("search.knn", flops)
+        ns = [len(k) for k in keys]
+        return [mix(lp, self.p.lam, t, w) for lp, t, w in zip(lps, tokens.split(ns), weights.split(ns))]
 
     def adapt(self, targets: torch.Tensor) -> None:
         if self.p.online:

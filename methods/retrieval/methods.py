@@ -68,11 +68,27 @@ class KnnLM(Method):
     def reset(self):
         self.knn.reset()
 
+    @classmethod
+    def runs_in_lanes(cls, params) -> bool:
+        return not params.online  # the datastore is shared by every lane; an online part would be a lane's own
+
+    def open_lanes(self, n):
+        pass
+
+    def reset_lane(self, lane):
+        pass
+
     @torch.no_grad()
     def score(self, seg):
         h, key = self.knn.reader(seg.ids, seg.n)
         lp = F.log_softmax(self.lm.logits(h), dim=-1)
         return self.knn.apply(lp, key)
+
+    @torch.no_grad()
+    def score_lanes(self, segs):
+        hs, keys = zip(*self.knn.reader.lanes(segs))
+        lps = F.log_softmax(self.lm.logits_rows(list(hs)), dim=-1).split([s.n for s in segs])
+        return self.knn.apply_lanes(list(lps), list(keys))
 
     def adapt(self, seg):
         self.knn.adapt(seg.targets)
@@ -104,20 +120,38 @@ class ContinuousCacheLM(Method):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.open_lanes(1)
+
+    @classmethod
+    def runs_in_lanes(cls, params) -> bool:
+        return True  # a cache per lane
+
+    def open_lanes(self, n):
         p = self.params
-        self.cache = CachePart(self, p.window, p.theta, p.lam)
+        self.caches = [CachePart(self, p.window, p.theta, p.lam) for _ in range(n)]
 
     def reset(self):
-        self.cache.reset()
+        for cache in self.caches:
+            cache.reset()
+
+    def reset_lane(self, lane):
+        self.caches[lane].reset()
+
+    def score(self, seg):
+        return self.score_lanes([seg])[0]
 
     @torch.no_grad()
-    def score(self, seg):
-        h = self.lm.hidden(seg.ids)[0, -seg.n :]
-        lp = F.log_softmax(self.lm.logits(h), dim=-1)
-        return self.cache.apply(lp, h, seg)
+    def score_lanes(self, segs):
+        hs = [h[-s.n :] for h, s in zip(self.lm.hidden_lanes([s.ids for s in segs]), segs)]
+        lps = F.log_softmax(self.lm.logits_rows(hs), dim=-1).split([s.n for s in segs])
+        return [self.caches[s.lane].apply(lp, h, s) for s, lp, h in zip(segs, lps, hs)]
 
     def adapt(self, seg):
-        self.cache.adapt(seg.targets)
+        self.adapt_lanes([seg])
+
+    def adapt_lanes(self, segs):
+        for s in segs:
+            self.caches[s.lane].adapt(s.targets)
 
 
 @register_method("knn-cache")
@@ -151,8 +185,18 @@ class KnnCache(Method):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.open_lanes(1)
+
+    @classmethod
+    def runs_in_lanes(cls, params) -> bool:
+        return not params.online  # a cache per lane, the datastore shared (an online part would be a lane's own)
+
+    def open_lanes(self, n):
         p = self.params
-        self.cache = CachePart(self, p.window, p.theta, p.cache_lam)
+        self.caches = [CachePart(self, p.window, p.theta, p.cache_lam) for _ in range(n)]
+
+    def reset_lane(self, lane):
+        self.caches[lane].reset()
 
     @classmethod
     def adapts_at_test_time(cls, params) -> bool:
@@ -168,14 +212,26 @@ class KnnCache(Method):
 
     def reset(self):
         self.knn.reset()
-        self.cache.reset()
+        for cache in self.caches:
+            cache.reset()
 
     @torch.no_grad()
     def score(self, seg):
         h, key = self.knn.reader(seg.ids, seg.n)
         lp = F.log_softmax(self.lm.logits(h), dim=-1)
-        return self.cache.apply(self.knn.apply(lp, key), h, seg)
+        return self.caches[0].apply(self.knn.apply(lp, key), h, seg)
+
+    @torch.no_grad()
+    def score_lanes(self, segs):
+        hs, keys = zip(*self.knn.reader.lanes(segs))
+        lps = F.log_softmax(self.lm.logits_rows(list(hs)), dim=-1).split([s.n for s in segs])
+        mixed = self.knn.apply_lanes(list(lps), list(keys))
+        return [self.caches[s.lane].apply(lp, h, s) for s, lp, h in zip(segs, mixed, hs)]
 
     def adapt(self, seg):
         self.knn.adapt(seg.targets)
-        self.cache.adapt(seg.targets)
+        self.caches[0].adapt(seg.targets)
+
+    def adapt_lanes(self, segs):
+        for s in segs:
+            self.caches[s.lane].adapt(s.targets)

@@ -28,6 +28,7 @@ class Segment:
     doc: int  # document index in the stream
     start: int  # position of the first target within its document
     targets: "torch.Tensor | None" = None  # (n,) target ids: given to adapt(), never to score()
+    lane: int = 0  # which lane's state reads it (protocol.lanes; always 0 with one lane)
 
 
 class Method(abc.ABC):
@@ -58,6 +59,20 @@ class Method(abc.ABC):
     (overrides for a cheap run on the tiny model: the checks and the tests over every method use them),
     `check_variants` (more settings those also run), `claim` (what the method's paper claims, printed
     by `report`), `requires` (pip packages it imports beyond the harness's, recorded in provenance).
+
+    Lanes (SPEC 2; `protocol.lanes: N` under reset `document`): N documents are scored side by side,
+    each lane with its own state; when a lane's document ends, that lane resets and takes the next one.
+    A method runs in lanes when `runs_in_lanes(params)` says so (default False: it runs with one lane
+    and the run says so, so a one-lane method needs none of this). Such a method implements:
+    - `open_lanes(n)`: n lanes, each in the state `reset()` leaves; `reset_lane(lane)` resets one.
+    - `score_lanes(segs)`: one Segment per active lane (each with its `lane`), scored together; returns
+      their (seg.n, vocab) log-probabilities in the same order. A lane's result must not depend on the
+      other lanes (per-document NLL at any lane count within 1e-6 relative, tested for every built-in).
+    - `adapt_lanes(segs)`: the same Segments once scored, targets filled in.
+    `self.lm.hidden_lanes([seg.ids ...])` gives each input's hidden states from one batched forward,
+    counted per input as one lane would count it, the padding under its own key.
+    INPUT: segs = [Segment(ids=(1, 8), n=4, lane=0), Segment(ids=(1, 5), n=5, lane=1)] (lane 1's
+    document has just begun). PRED: [(4, V) log-probabilities, (5, V) log-probabilities].
 
     FLOPs: forwards through `self.lm` (forward, hidden, logits, logprobs; `forward(ids, model=copy)`
     for a private copy of the model) are counted automatically. Anything else is the method's to
@@ -107,6 +122,27 @@ class Method(abc.ABC):
 
     def adapt(self, seg: Segment) -> None:
         """Learn from a segment that has been scored."""
+
+    # -- lanes (see the class docstring): only for a method whose runs_in_lanes(params) is True ------
+    @classmethod
+    def runs_in_lanes(cls, params) -> bool:
+        """Whether this setting implements the lane hooks below (False: one lane, whatever the bench asks)."""
+        return False
+
+    def open_lanes(self, n: int) -> None:
+        """n lanes, each in the state reset() leaves."""
+        raise NotImplementedError(f"{type(self).__name__} says it runs in lanes but has no open_lanes()")
+
+    def reset_lane(self, lane: int) -> None:
+        """Lane `lane` back to the state after prepare (its next document begins)."""
+        raise NotImplementedError(f"{type(self).__name__} says it runs in lanes but has no reset_lane()")
+
+    def score_lanes(self, segs: list[Segment]) -> list:
+        """Each segment's (seg.n, vocab) log-probabilities, in order, each from its own lane's state."""
+        raise NotImplementedError(f"{type(self).__name__} says it runs in lanes but has no score_lanes()")
+
+    def adapt_lanes(self, segs: list[Segment]) -> None:
+        """Learn from scored segments, each in its own lane (default: nothing)."""
 
     def close(self) -> None:
         """End of the cell (always called, also after an error): give the shared model back as it was

@@ -14,6 +14,9 @@ from contextlib import contextmanager
 from math import prod
 from typing import Any, Callable
 
+# The padding of lanes of unequal inputs (lm.hidden_lanes): its own key, left out of flops per token.
+PADDING = "forward.padding."
+
 # fvcore counts per (model fingerprint, component, shape): tracing is slow, shapes repeat across cells.
 _MEMO: dict[tuple, tuple[float, dict]] = {}
 

@@ -109,6 +109,48 @@ class LM:
             return self.forward(ids, model).last_hidden_state
         return self._shared(ids, need_ffn=False)[0]
 
+    def hidden_lanes(self, inputs: list[torch.Tensor], model: torch.nn.Module | None = None) -> list[torch.Tensor]:
+        """Each (1, L_i) input's (L_i, d) final hidden states, from one batched forward. Shorter inputs
+        are padded on the right; a causal model's real positions never attend to later ones, so each
+        row is its own forward's (up to the rounding of a batched product). The ledger counts each
+        input as its own forward would, and the padding apart (`forward.padding.body`)."""
+        return self._lanes(inputs, lambda ids: (self.hidden(ids, model),))
+
+    def hidden_and_ffn_input_lanes(self, inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """hidden_and_ffn_input for several lanes' inputs, batched as hidden_lanes batches."""
+        return self._lanes(inputs, self.hidden_and_ffn_input)
+
+    def _lanes(self, inputs: list[torch.Tensor], forward) -> list:
+        if len(inputs) == 1:
+            out = forward(inputs[0])
+            return [out[0][0] if len(out) == 1 else tuple(t[0] for t in out)]
+        lengths = [x.shape[1] for x in inputs]
+        batch = torch.full((len(inputs), max(lengths)), self.start_id, dtype=torch.long, device=self.device)
+        for i, x in enumerate(inputs):
+            batch[i, : x.shape[1]] = x[0]
+        with self.ledger.paused():
+            out = forward(batch)
+        for n in lengths:
+            self.ledger.record_forward("body", (1, n), lambda n=n: self._count_body((1, n)))
+        if min(lengths) < max(lengths):
+            shape = tuple(batch.shape)
+            self.ledger.record_forward("padding.body", (*shape, *lengths), lambda: self._padding_count(shape, lengths))
+        rows = [tuple(t[i, :n] for t in out) for i, n in enumerate(lengths)]
+        return [r[0] if len(r) == 1 else r for r in rows]
+
+    def logprobs_lanes(self, inputs: list[torch.Tensor], ns: list[int]) -> list[torch.Tensor]:
+        """Log-probabilities (n_i, V) of the tokens following each input's last n_i positions."""
+        hs = [h[-n:] for h, n in zip(self.hidden_lanes(inputs), ns)]
+        return list(F.log_softmax(self.logits_rows(hs), dim=-1).split(ns))
+
+    def logits_rows(self, hs: list[torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
+        """The logits of several lanes' hidden states (each (n_i, d)) in one product, rows in order."""
+        return self.logits(torch.cat(hs), model)
+
+    def _padding_count(self, shape: tuple, lengths: list[int]) -> tuple[float, dict]:
+        padded = self._count_body(shape)[0]
+        return padded - sum(self._count_body((1, n))[0] for n in lengths), {}
+
     def take_charged_seconds(self) -> float:
         """The seconds of the shared passes served since the last call: the evaluation adds them to the
         segment's time, so a cell is timed for the pass it read as if it had run it."""

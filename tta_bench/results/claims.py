@@ -112,6 +112,10 @@ def _measured(r: dict) -> tuple[dict | None, str]:
     return d, (r["control"] if r["kind"] == "TTA" else "none")
 
 
+# A gain smaller than this (0.5% in perplexity) is no support for a paper's claim of a large one.
+NEGLIGIBLE = 0.005
+
+
 def _consistent(verdict: str, d: dict | None, n_docs: int) -> str:
     if verdict == "no":
         return "not testable here"
@@ -119,10 +123,12 @@ def _consistent(verdict: str, d: dict | None, n_docs: int) -> str:
         return "n/a"
     # a static method's difference to none is no declared contrast: judged by its unadjusted interval
     sure, note = (d["significant"], "") if d["declared"] else (d["excludes_zero"], " (unadjusted)")
+    if sure and d["delta_nll"] <= -NEGLIGIBLE:
+        return "consistent: a significant gain" + note
+    if sure and d["delta_nll"] < 0:  # every claim in the table is of a sizeable gain
+        return f"not consistent: a significant but negligible gain (under {NEGLIGIBLE} nats/token)" + note
     if sure:
-        return (
-            "consistent: a significant gain" if d["delta_nll"] < 0 else "not consistent: significantly worse"
-        ) + note
+        return "not consistent: significantly worse" + note
     return f"no significant effect at {n_docs} documents"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tta_bench.run.cells import StreamCache, build_cell, chosen_cell, selection_cells
 from tta_bench.run.config import Cell
+from tta_bench.protocol.flops import PADDING
 from tta_bench.api.errors import TTABenchError
 from tta_bench.results.records import CellRecord
 from tta_bench.results.provenance import provenance
@@ -180,10 +181,15 @@ def _costs(built, result) -> dict:
     ledger = lm.ledger.resolve()
     flops_per_token = {k: v / built.stream.n_tokens for k, v in ledger["flops"].items()}
     eval_s, eval_all, timed_tokens, warmup = _timed(result)
+    lanes = (
+        {k: result.extra[k] for k in ("lanes", "lanes_note") if k in result.extra} if built.protocol.lanes > 1 else {}
+    )
     return {
         "flops": ledger["flops"],
         "flops_per_token": flops_per_token,
-        "gflops_per_token": sum(flops_per_token.values()) / 1e9,
+        # padding (lanes of unequal inputs) is counted apart, under forward.padding.*, and left out here
+        "gflops_per_token": sum(v for k, v in flops_per_token.items() if not k.startswith(PADDING)) / 1e9,
+        **lanes,
         "unsupported_ops": ledger["unsupported_ops"],
         "flop_convention": "fvcore: one multiply-add = one flop; backward/update via FlopCounterMode halved",
         "eval_seconds": eval_s,

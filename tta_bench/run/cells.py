@@ -45,7 +45,7 @@ def resolve_protocol(cell_protocol: dict, lm):
             f"context_len {ctx} + segment_len {cell_protocol['segment_len']} - 1 exceeds the window of {lm.name}"
             f" ({lm.window} tokens); lower them"
         )
-    return Protocol(cell_protocol["segment_len"], ctx, cell_protocol["reset"])
+    return Protocol(cell_protocol["segment_len"], ctx, cell_protocol["reset"], cell_protocol.get("lanes", 1))
 
 
 def draw_of(limits: dict) -> Draw | None:

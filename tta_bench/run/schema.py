@@ -32,7 +32,7 @@ TOP_KEYS = {
     "published",
     "log_tokens",
 }
-PROTOCOL_KEYS = {"segment_len", "context_len", "reset"}
+PROTOCOL_KEYS = {"segment_len", "context_len", "reset", "lanes"}
 LIMIT_KEYS = {"docs", "tokens", "doc_tokens"}
 DRAW_KEYS = {"min_doc_tokens", "draw", "draw_seed"}  # which documents: written into the config only when set
 TASK_KEYS = {"name", "label", "split", "prepare_split"}
@@ -160,7 +160,17 @@ def _validate_protocol(raw: dict, cfg: BenchConfig) -> list[str]:
         problems.append(f"protocol.context_len: must be an integer >= 1 or auto, got {ctx!r}")
     if reset not in ("document", "never"):
         problems.append(f"protocol.reset: must be document or never, got {reset!r}")
+    lanes = proto.get("lanes", 1)
+    if not _is_pos_int(lanes):
+        problems.append(f"protocol.lanes: must be a positive integer, got {lanes!r}")
+    elif lanes > 1 and reset == "never":
+        problems.append(
+            f"protocol.lanes: {lanes} lanes need reset: document (under never the stream is one sequence,"
+            " read in order by one lane); set lanes: 1 or reset: document"
+        )
     cfg.protocol = {"segment_len": seg, "context_len": "auto" if ctx in (None, "auto") else ctx, "reset": reset}
+    if lanes != 1:  # one lane is the default: cells without lanes keep their ids
+        cfg.protocol["lanes"] = lanes
     return problems
 
 

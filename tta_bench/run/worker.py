@@ -105,6 +105,8 @@ def record_summary(record: CellRecord) -> str:
     return (
         f"    token ppl {_num(m['token_ppl'], '.3f')}  bits/byte {_num(m['bits_per_byte'], '.4f')}  "
         f"{c['gflops_per_token']:.3f} GFLOPs/token  {c['tokens_per_second'] or 0:.0f} tok/s"
+        + (f"  {c['lanes']} lanes" if "lanes" in c else "")
+        + (f"\n    note: {c['lanes_note']}" if "lanes_note" in c else "")
     )
 
 
