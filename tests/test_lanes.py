@@ -19,6 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # lengths in bytes (the tiny model's tokens): one shorter than a segment, several that end mid-segment
 LENGTHS = [150, 37, 96, 9, 210, 64, 123, 51, 180]
+# methods whose lanes each adapt their own weights (methods/_common/lanes.py): grouped by shape, no padding
+OWN_WEIGHTS = {"dynamic-eval", "finetune-dynamic-eval", "ttt-nn", "ttt-random"}  # fwl-dynamic-eval pads its base
 WORDS = "the of cache lane state a document repeat model token fast weight and to in it is".split()
 
 
@@ -99,7 +101,9 @@ def test_lanes_change_no_score_and_no_flop_per_token(lm, lane_corpus, tmp_path, 
             assert b["nll"] == pytest.approx(a["nll"], rel=1e-6), (name, lanes, a["title"])
         assert _per_token(rec.costs) == pytest.approx(_per_token(one.costs), rel=1e-9), (name, lanes)
         padded = [k for k in rec.costs["flops"] if k.startswith(PADDING)]
-        assert bool(padded) == in_lanes  # documents of unequal lengths: some step pads a shorter input
+        # documents of unequal lengths: some step pads a shorter input, but for the methods whose lanes
+        # run their own weights (one vmapped forward per input shape, never padded)
+        assert bool(padded) == (in_lanes and name not in OWN_WEIGHTS)
         assert all(rec.costs["flops"][k] > 0 for k in padded)
 
 
@@ -122,6 +126,28 @@ def test_the_invariance_test_would_see_lanes_that_share_state(lm, lane_corpus, t
     shared = _record(lm, lane_corpus, tmp_path, "cache", 7)
     worst = max(abs(s["nll"] - c["nll"]) / c["nll"] for s, c in zip(shared.per_doc, cache.per_doc))
     assert worst > 1e-4
+
+
+def test_the_invariance_test_would_see_lanes_that_keep_another_documents_weights(lm, lane_corpus, tmp_path, monkeypatch):
+    """Dynamic evaluation's effect on a document is far above 1e-6, so lanes whose weights are not put
+    back when a lane takes its next document (it starts from the last one's) fail the lanes test."""
+    from tta_bench_methods._common.lanes import LaneWeights
+
+    dyn = _record(lm, lane_corpus, tmp_path, "dynamic-eval", 1)
+    none = _record(lm, lane_corpus, tmp_path, "none", 1)
+    assert max(abs(d["nll"] - n["nll"]) / n["nll"] for d, n in zip(dyn.per_doc, none.per_doc)) > 1e-3
+    monkeypatch.setattr(LaneWeights, "reset", lambda self, lane: None)
+    kept = _record(lm, lane_corpus, tmp_path, "dynamic-eval", 2)
+    assert max(abs(k["nll"] - d["nll"]) / d["nll"] for k, d in zip(kept.per_doc, dyn.per_doc)) > 1e-4
+
+
+def test_a_method_that_does_not_run_in_lanes_runs_one_lane_and_says_so(lm, lane_corpus, tmp_path, monkeypatch):
+    one = _record(lm, lane_corpus, tmp_path, "cache", 1)
+    monkeypatch.setattr(method_class("cache"), "runs_in_lanes", classmethod(lambda cls, params: False))
+    rec = _record(lm, lane_corpus, tmp_path, "cache", 4)
+    assert rec.costs["lanes"] == 1 and "does not run in lanes" in rec.costs["lanes_note"]
+    assert [r["nll"] for r in rec.per_doc] == [o["nll"] for o in one.per_doc]
+    assert not [k for k in rec.costs["flops"] if k.startswith(PADDING)]
 
 
 def test_lanes_under_reset_never_are_refused_with_one_line(lane_corpus, tmp_path):

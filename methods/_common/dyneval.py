@@ -39,6 +39,7 @@ from tta_bench.api.errors import TTABenchError
 from tta_bench.api.method import Method
 from tta_bench.protocol.flops import dispatch_flops
 
+from .lanes import LaneWeights, by_shape, charge_lanes
 from .lora import DEFAULT_TARGETS, LoraAdapter, lora_problems
 from .selection import parse_selection, select_parameters
 from .update import DEFAULT_LR, DynamicEvaluation, rms_statistics, score_with_graph, take_scored, update_rule_problems
@@ -87,6 +88,7 @@ class DynamicEvalBase(Method):
         self.dyn = DynamicEvaluation(tensors, p.variant, p.lr, p.decay, p.eps, embedding)
         self._scored = None  # the last scored segment (update.Scored), its graph attached
         self._segment_flops: dict = {}
+        self.lanes: LaneWeights | None = None  # protocol.lanes > 1: each lane's adapted tensors
 
     def prepare(self, data):
         if self.params.variant != "rms":
@@ -155,8 +157,48 @@ class DynamicEvalBase(Method):
         scored, self._scored = take_scored(self._scored, seg, "dynamic-eval"), None
         self.dyn.step_on(scored, seg.targets, self.ledger)
 
+    # -- lanes: the adapted tensors stacked per lane, one vmapped forward per input shape (lanes.py) ----
+    @classmethod
+    def runs_in_lanes(cls, params) -> bool:
+        return True
+
+    def open_lanes(self, n):
+        self.lanes = LaneWeights(self.dyn, n, self.lm.model, self.names, self.adapter)
+        self._lane_costs: dict = {}
+        self._lane_scored: list = []
+
+    def reset_lane(self, lane):
+        self.lanes.reset(lane)
+
+    def score_lanes(self, segs):
+        out, self._lane_scored = [None] * len(segs), []
+        for group in by_shape(segs):
+            lanes, ids, n = [segs[i].lane for i in group], torch.stack([segs[i].ids for i in group]), segs[group[0]].n
+            leaves = self.lanes.take(lanes)
+            with torch.enable_grad():
+                with self.ledger.paused():
+                    logprobs = self.lanes.logprobs(leaves, ids, n, self._logprobs)
+                charge_lanes(self._lane_costs, (tuple(ids.shape[1:]), n), self.lm, len(group), lambda: self._one_lane(ids[0], n))
+            self._lane_scored.append((group, lanes, leaves, logprobs))
+            for j, i in enumerate(group):
+                out[i] = logprobs[j].detach()
+        return out
+
+    def _one_lane(self, ids, n):
+        """The one-lane path's forward and backward on an input of this shape (what it charges, lanes.py)."""
+        logprobs = self._logprobs(ids, n)
+        self.dyn.nll_grads(logprobs, torch.zeros(n, dtype=torch.long, device=ids.device), self.ledger, (tuple(ids.shape), n))
+
+    def adapt_lanes(self, segs):
+        for group, lanes, leaves, logprobs in self._lane_scored:
+            targets = torch.stack([segs[i].targets for i in group])
+            loss = F.nll_loss(logprobs.flatten(0, 1), targets.flatten(), reduction="sum") / targets.shape[1]
+            self.lanes.step(lanes, leaves, torch.autograd.grad(loss, leaves), self.ledger)
+        self._lane_scored = []
+
     def close(self):
         """Original weights and requires_grad flags back: the loaded model is shared by later cells."""
+        self.lanes, self._lane_scored = None, []
         self._scored = None
         self.dyn.close()
         if self.adapter is not None:

@@ -94,6 +94,16 @@ class LoraAdapter:
         finally:
             self.enabled = was
 
+    @contextmanager
+    def using(self, tensors):
+        """Inside, the hooks apply these A0, B0, A1, B1, ... instead (one lane's, under vmap)."""
+        saved = self.A, self.B
+        self.A, self.B = list(tensors[0::2]), list(tensors[1::2])
+        try:
+            yield
+        finally:
+            self.A, self.B = saved
+
     def delta(self, i: int) -> torch.Tensor:
         """The full-size update of target i's weight: (alpha / rank) * B A."""
         return self.scale * self.B[i] @ self.A[i]

@@ -40,6 +40,7 @@ harness's cache of prepared state, so `tta-bench prepare` computes them once.
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -109,6 +110,7 @@ class DynamicEvaluation:
             self._emb_index = next((i for i, p in enumerate(self.params) if p is embedding.weight), None)
             if self._emb_index is not None:
                 self._padding_idx = embedding.padding_idx
+                self._embedding = embedding
                 self._hook = embedding.register_forward_hook(self._watch)
 
     def _watch(self, module, args, out):
@@ -143,11 +145,15 @@ class DynamicEvaluation:
         self.rms = rms if self.decay > 0 else None
 
     # -- gradient and update ------------------------------------------------------------------
-    def grad(self, loss: torch.Tensor, ledger=None, key=None) -> list[torch.Tensor]:
-        """Gradients of `loss` for the parameters. With a ledger, adds `adapt.backward`: counted once per
-        `key` (e.g. the input shape) with FlopCounterMode, then reused."""
+    def grad(self, loss: torch.Tensor, ledger=None, key=None, params=None) -> list[torch.Tensor]:
+        """Gradients of `loss` for the parameters (or for `params`, the same shapes: one lane's copy,
+        lanes.py). With a ledger, adds `adapt.backward`: counted once per `key` (e.g. the input shape)
+        with FlopCounterMode, then reused."""
         lookups, self._lookups = self._lookups, []
-        wrt = self.params + [leaf for _, leaf in lookups]
+        if params is not None:
+            lookups = []  # a lane's forward reads its own tensors, never the watched embedding
+        params = self.params if params is None else list(params)
+        wrt = params + [leaf for _, leaf in lookups]
         counting = ledger is not None and ledger.enabled
         if counting and key not in self._backward_flops:
             # counted on a backward of its own, thrown away: under the counting mode kernels may round
@@ -158,8 +164,8 @@ class DynamicEvaluation:
         grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
         if counting:
             ledger.add("adapt.backward", self._backward_flops[key])
-        grads, leaf_grads = grads[: len(self.params)], grads[len(self.params) :]
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        grads, leaf_grads = grads[: len(params)], grads[len(params) :]
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         for (ids, _), g in zip(lookups, leaf_grads):
             if g is None:  # a lookup this loss does not use
                 continue
@@ -170,9 +176,9 @@ class DynamicEvaluation:
             grads[self._emb_index].index_add_(0, ids, g.to(grads[self._emb_index].dtype))
         return grads
 
-    def nll_grads(self, logprobs: torch.Tensor, targets: torch.Tensor, ledger=None, key=None) -> list[torch.Tensor]:
+    def nll_grads(self, logprobs, targets, ledger=None, key=None, params=None) -> list[torch.Tensor]:
         """Gradients of the segment's mean NLL, from log-probabilities with their graph (see grad)."""
-        return self.grad(F.nll_loss(logprobs, targets), ledger, key)
+        return self.grad(F.nll_loss(logprobs, targets), ledger, key, params)
 
     def step_on(self, scored: "Scored", targets: torch.Tensor, ledger) -> None:
         """One update on a scored segment's mean NLL, its backward counted once per segment shape."""
@@ -189,22 +195,41 @@ class DynamicEvaluation:
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor], ledger=None) -> None:
         """One update of every parameter from its gradient (the rules in the module docstring)."""
+        self.apply_rule(self.params, grads, self.originals, self.denom, self.rms)
+        if ledger is not None:
+            ledger.add("adapt.update", self.update_flops())
+
+    @torch.no_grad()
+    def apply_rule(self, params, grads, originals, denom, rms) -> None:
+        """The update rule on `params` in place, with these originals and rms statistics (the object's
+        own in `step`; a lane's, or several lanes' stacked, in lanes.py)."""
         grads = list(grads)
         if self.variant == "sgd":
             if self.decay > 0:  # W + decay * (W0 - W), from the pre-step W
-                torch._foreach_lerp_(self.params, self.originals, self.decay)
-            torch._foreach_add_(self.params, grads, alpha=-self.lr)
+                torch._foreach_lerp_(params, originals, self.decay)
+            torch._foreach_add_(params, grads, alpha=-self.lr)
         else:
-            if self.denom is None:
+            if denom is None:
                 raise TTABenchError(
                     "rms dynamic evaluation needs gradient statistics first: call gradient_stats() in prepare"
                 )
             if self.decay > 0:  # W - decay * sqrt(ms) * (W - W0), from the pre-step W
-                diff = torch._foreach_sub(self.originals, self.params)
-                torch._foreach_addcmul_(self.params, self.rms, diff, value=self.decay)
-            torch._foreach_addcdiv_(self.params, grads, self.denom, value=-self.lr)
-        if ledger is not None:
-            ledger.add("adapt.update", self.update_flops())
+                diff = torch._foreach_sub(originals, params)
+                torch._foreach_addcmul_(params, rms, diff, value=self.decay)
+            torch._foreach_addcdiv_(params, grads, denom, value=-self.lr)
+
+    @contextmanager
+    def dense_embedding_grad(self):
+        """Inside, the embedding's lookups are left to autograd (its gradient dense): under vmap a
+        lookup's output is a batched tensor that cannot be made a leaf of its own."""
+        hook, self._hook = self._hook, None
+        if hook is not None:
+            hook.remove()
+        try:
+            yield
+        finally:
+            if hook is not None:
+                self._hook = self._embedding.register_forward_hook(self._watch)
 
     # -- state ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -41,6 +41,7 @@ from tta_bench.api.errors import TTABenchError
 from tta_bench.api.method import Method
 from tta_bench.api.registry import register_method
 from tta_bench.checks.separation import stream_runs
+from tta_bench_methods._common.lanes import LaneWeights
 from tta_bench_methods._common.update import (
     DEFAULT_LR,
     DynamicEvaluation,
@@ -325,9 +326,6 @@ class FWLDynamicEval(FastWeightLayers):
     def control(cls, params):
         return static_control(params)
 
-    @classmethod
-    def runs_in_lanes(cls, params) -> bool:
-        return False  # dynamic evaluation's adapted weights are one lane's
 
     def __init__(self, lm, params, seed=0, protocol=None):
         super().__init__(lm, params, seed, protocol)
@@ -337,9 +335,10 @@ class FWLDynamicEval(FastWeightLayers):
     def prepare(self, data):
         super().prepare(data)
         p = self.params
-        named = self.block.slow_parameters()
+        named = [(f"block.{n}", q) for n, q in self.block.slow_parameters()]
         if p.dyn_params == "all":
-            named += list((self.model or self.lm.model).named_parameters())
+            named += [(f"model.{n}", q) for n, q in (self.model or self.lm.model).named_parameters()]
+        self._dyn_names = [n for n, _ in named]
         self.dyn = DynamicEvaluation([q for _, q in named], p.dyn_variant, p.dyn_lr, p.dyn_decay, p.dyn_eps)
         if p.dyn_variant == "rms":
             self._gradient_stats(data)
@@ -381,8 +380,43 @@ class FWLDynamicEval(FastWeightLayers):
         super().adapt(seg)  # first the last position joins the state, with the weights the scoring used
         self.dyn.step_on(scored, seg.targets, self.ledger)
 
+    # -- lanes: a fast state, a gate and adapted weights per lane; each lane's block (and with
+    # dyn_params all, its base forward) runs with its own weights (lanes.LaneWeights.call) ----------
+    def open_lanes(self, n):
+        super().open_lanes(n)
+        held = torch.nn.ModuleDict({"block": self.block, "model": self.model or self.lm.model})
+        self.lanes = LaneWeights(self.dyn, n, held, self._dyn_names)
+        self._lane_scored = []
+
+    def reset_lane(self, lane):
+        super().reset_lane(lane)
+        self.lanes.reset(lane)
+
+    def score_lanes(self, segs):
+        if self.params.dyn_params == "block":  # the base is frozen: one batched forward
+            hs = [h.unsqueeze(0) for h in self.lm.hidden_lanes([s.ids for s in segs], model=self.model)]
+        else:
+            hs = [None] * len(segs)
+        out, self._lane_scored = [], []
+        for s, h in zip(segs, hs):
+            leaves = self.lanes.take([s.lane])
+            with torch.enable_grad():
+                logprobs = self.lanes.call([t[0] for t in leaves], self._logprobs, s, h, *self._lane_states[s.lane])
+            self._lane_scored.append((s, leaves, logprobs))
+            out.append(logprobs.detach())
+        return out
+
+    def adapt_lanes(self, segs):
+        for s, leaves, logprobs in self._lane_scored:
+            with torch.no_grad():  # the last position joins the lane's state, with the weights it scored with
+                self.lanes.call([t[0] for t in leaves], self._commit, s, *self._lane_states[s.lane])
+            key = (tuple(s.ids.shape), s.n)
+            grads = self.dyn.nll_grads(logprobs, s.targets, self.ledger, key, params=leaves)
+            self.lanes.step([s.lane], leaves, grads, self.ledger)
+        self._lane_scored = []
+
     def close(self):
-        self._scored = None
+        self._scored, self.lanes, self._lane_scored = None, None, []
         if self.dyn is not None:
             self.dyn.close()
         super().close()

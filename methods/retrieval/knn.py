@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -216,14 +218,24 @@ class KnnStore:
         with faiss_threads(0):
             self._online_index.add(np.ascontiguousarray(keys.numpy()))
 
-    def neighbours(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def lane_copy(self) -> "KnnStore":
+        """A store sharing this one's datastore, with an online part of its own (a lane's)."""
+        lane = copy.copy(self)
+        lane.reset()
+        return lane
+
+    def search(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(squared L2 distances (n, k), ids (n, k), flops) of the k nearest datastore keys to q (n, d)."""
+        dist, ids = self.index.search(q.detach().float().cpu().numpy(), self.k)
+        return torch.from_numpy(dist), torch.from_numpy(ids), len(q) * self.index.flops_per_query(self.k)
+
+    def neighbours(self, q: torch.Tensor, searched=None) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(tokens (n, k), weights (n, k), search flops) for queries q (n, d): the k nearest keys by
-        squared L2 over the datastore and the online part, weights softmax(-dist / T) over them."""
+        squared L2 over the datastore and the online part, weights softmax(-dist / T) over them.
+        `searched`: the datastore's part, `search(q)`, done already (several lanes' queries at once)."""
         qn = q.detach().float().cpu().numpy()
-        dist, ids = self.index.search(qn, self.k)
-        dist, ids = torch.from_numpy(dist), torch.from_numpy(ids)
+        dist, ids, flops = self.search(q) if searched is None else searched
         tokens = self.values[ids.clamp(min=0)]
-        flops = len(qn) * self.index.flops_per_query(self.k)
         n_on = len(self.online_values)
         if n_on:
             with faiss_threads(len(qn) * n_on * self.index.d):
@@ -297,14 +309,34 @@ class KnnPart:
         self._pending = key
         return mix(lp, self.p.lam, tokens, weights)
 
-    def apply_lanes(self, lps: list[torch.Tensor], keys: list[torch.Tensor]) -> list[torch.Tensor]:
-        """apply() for several lanes' rows with one search (lanes run without the online part)."""
-        tokens, weights, flops = self.store.neighbours(torch.cat(keys))
-        self.method.ledger.add("search.knn", flops)
+    # -- lanes: the datastore searched once for every lane's rows, an online part per lane ---------
+    def open_lanes(self, n: int) -> None:
+        self.lane_stores = [self.store.lane_copy() for _ in range(n)]
+        self._lane_pending: dict = {}
+
+    def reset_lane(self, lane: int) -> None:
+        self.lane_stores[lane].reset()
+
+    def apply_lanes(self, lps: list[torch.Tensor], keys: list[torch.Tensor], lanes: list[int]) -> list[torch.Tensor]:
+        """apply() for several lanes' rows: one datastore search, then each lane's online part."""
+        dist, ids, _ = self.store.search(torch.cat(keys))
         ns = [len(k) for k in keys]
-        return [mix(lp, self.p.lam, t, w) for lp, t, w in zip(lps, tokens.split(ns), weights.split(ns))]
+        out = []
+        for lp, key, lane, d, i in zip(lps, keys, lanes, dist.split(ns), ids.split(ns)):
+            store = self.lane_stores[lane]
+            tokens, weights, flops = store.neighbours(key, (d, i, len(key) * store.index.flops_per_query(store.k)))
+            self.method.ledger.add("search.knn", flops)
+            self._lane_pending[lane] = key
+            out.append(mix(lp, self.p.lam, tokens, weights))
+        return out
 
     def adapt(self, targets: torch.Tensor) -> None:
         if self.p.online:
             self.store.add(self._pending, targets)
         self._pending = None
+
+    def adapt_lanes(self, lanes: list[int], targets: list[torch.Tensor]) -> None:
+        for lane, t in zip(lanes, targets):
+            if self.p.online:
+                self.lane_stores[lane].add(self._lane_pending[lane], t)
+        self._lane_pending = {}

@@ -70,13 +70,13 @@ class KnnLM(Method):
 
     @classmethod
     def runs_in_lanes(cls, params) -> bool:
-        return not params.online  # the datastore is shared by every lane; an online part would be a lane's own
+        return True  # the datastore shared by every lane, an online part per lane
 
     def open_lanes(self, n):
-        pass
+        self.knn.open_lanes(n)
 
     def reset_lane(self, lane):
-        pass
+        self.knn.reset_lane(lane)
 
     @torch.no_grad()
     def score(self, seg):
@@ -88,10 +88,13 @@ class KnnLM(Method):
     def score_lanes(self, segs):
         hs, keys = zip(*self.knn.reader.lanes(segs))
         lps = F.log_softmax(self.lm.logits_rows(list(hs)), dim=-1).split([s.n for s in segs])
-        return self.knn.apply_lanes(list(lps), list(keys))
+        return self.knn.apply_lanes(list(lps), list(keys), [s.lane for s in segs])
 
     def adapt(self, seg):
         self.knn.adapt(seg.targets)
+
+    def adapt_lanes(self, segs):
+        self.knn.adapt_lanes([s.lane for s in segs], [s.targets for s in segs])
 
 
 @register_method("cache")
@@ -189,14 +192,17 @@ class KnnCache(Method):
 
     @classmethod
     def runs_in_lanes(cls, params) -> bool:
-        return not params.online  # a cache per lane, the datastore shared (an online part would be a lane's own)
+        return True  # a cache and an online part per lane, the datastore shared
 
     def open_lanes(self, n):
         p = self.params
         self.caches = [CachePart(self, p.window, p.theta, p.cache_lam) for _ in range(n)]
+        if getattr(self, "knn", None) is not None:  # the constructor opens one lane before prepare
+            self.knn.open_lanes(n)
 
     def reset_lane(self, lane):
         self.caches[lane].reset()
+        self.knn.reset_lane(lane)
 
     @classmethod
     def adapts_at_test_time(cls, params) -> bool:
@@ -225,7 +231,7 @@ class KnnCache(Method):
     def score_lanes(self, segs):
         hs, keys = zip(*self.knn.reader.lanes(segs))
         lps = F.log_softmax(self.lm.logits_rows(list(hs)), dim=-1).split([s.n for s in segs])
-        mixed = self.knn.apply_lanes(list(lps), list(keys))
+        mixed = self.knn.apply_lanes(list(lps), list(keys), [s.lane for s in segs])
         return [self.caches[s.lane].apply(lp, h, s) for s, lp, h in zip(segs, mixed, hs)]
 
     def adapt(self, seg):
@@ -233,5 +239,6 @@ class KnnCache(Method):
         self.caches[0].adapt(seg.targets)
 
     def adapt_lanes(self, segs):
+        self.knn.adapt_lanes([s.lane for s in segs], [s.targets for s in segs])
         for s in segs:
             self.caches[s.lane].adapt(s.targets)

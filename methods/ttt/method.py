@@ -37,12 +37,21 @@ import torch.nn.functional as F
 from tta_bench.api.method import Method
 from tta_bench.api.registry import register_method
 from tta_bench_methods._common.dyneval import adapted_parameters, selection_problems
+from tta_bench_methods._common.lanes import LaneWeights, by_shape, charge_lanes
 from tta_bench_methods._common.lora import DEFAULT_TARGETS
 from tta_bench_methods._common.update import DynamicEvaluation
 
 from .datastore import ChunkStore
 
 SEED_MIX = 1_000_003  # mixes (seed, position) into one generator seed
+
+
+@dataclass
+class _Input:
+    """What lanes.by_shape groups a training step's inputs by."""
+
+    ids: torch.Tensor
+    n: int
 
 
 class TestTimeTraining(Method):
@@ -92,6 +101,7 @@ class TestTimeTraining(Method):
         self.dyn = DynamicEvaluation(tensors, "sgd", p.lr, 0.0, 1.0, embedding, originals)
         self.store: ChunkStore | None = None
         self.info: dict = {}
+        self.lanes: LaneWeights | None = None  # protocol.lanes > 1: each lane's adapted tensors
 
     def prepare(self, data):
         from tta_bench.protocol.evaluate import Protocol
@@ -134,13 +144,63 @@ class TestTimeTraining(Method):
 
     def _step(self, ids, targets):
         """One SGD step on the mean NLL of `targets`, the last len(targets) positions of `ids`."""
+        self.dyn.step(self._grads(ids, targets), self.ledger)
+
+    def _grads(self, ids, targets):
         with torch.enable_grad():
             logprobs = self._logprobs(ids, len(targets))
-            grads = self.dyn.nll_grads(logprobs, targets, self.ledger, key=(tuple(ids.shape), len(targets)))
-        self.dyn.step(grads, self.ledger)
+            return self.dyn.nll_grads(logprobs, targets, self.ledger, key=(tuple(ids.shape), len(targets)))
+
+    # -- lanes: the adapted tensors stacked per lane, each step one vmapped forward per shape (lanes.py) ----
+    @classmethod
+    def runs_in_lanes(cls, params) -> bool:
+        return True
+
+    def open_lanes(self, n):
+        self.lanes = LaneWeights(self.dyn, n, self.model or self.lm.model, self.names, self.adapter)
+        self._lane_costs: dict = {}
+
+    def reset_lane(self, lane):
+        self.lanes.reset(lane)
+
+    @torch.no_grad()
+    def score_lanes(self, segs):
+        out = [None] * len(segs)
+        for group in by_shape(segs):
+            lanes, ids, n = [segs[i].lane for i in group], torch.stack([segs[i].ids for i in group]), segs[group[0]].n
+            with self.ledger.paused():
+                logprobs = self.lanes.logprobs(self.lanes.take(lanes), ids, n, self._logprobs)
+            key = ("score", tuple(ids.shape[1:]), n)
+            charge_lanes(self._lane_costs, key, self.lm, len(group), lambda: self._logprobs(ids[0], n))
+            for j, i in enumerate(group):
+                out[i] = logprobs[j]
+        return out
+
+    def adapt_lanes(self, segs):
+        chosen = [self.choose(s) for s in segs]  # each lane's chunks, chosen as one lane chooses them
+        for j in range(max(len(c) for c in chosen)):
+            chunks = [(s.lane, self.store.chunks[c[j]]) for s, c in zip(segs, chosen) if j < len(c)]
+            self._lane_steps([(lane, c.inputs[None].to(self.lm.device), c.targets.to(self.lm.device)) for lane, c in chunks])
+        if self.params.self_step:
+            self._lane_steps([(s.lane, s.ids, s.targets) for s in segs])
+
+    def _lane_steps(self, items):
+        """One SGD step per (lane, ids, targets), each lane on its own tensors, one forward per shape."""
+        for group in by_shape([_Input(ids, len(targets)) for _, ids, targets in items]):
+            lanes = [items[i][0] for i in group]
+            ids, targets = torch.stack([items[i][1] for i in group]), torch.stack([items[i][2] for i in group])
+            n, leaves = targets.shape[1], self.lanes.take(lanes)
+            with torch.enable_grad():
+                with self.ledger.paused():
+                    logprobs = self.lanes.logprobs(leaves, ids, n, self._logprobs)
+                loss = F.nll_loss(logprobs.flatten(0, 1), targets.flatten(), reduction="sum") / n
+                grads = torch.autograd.grad(loss, leaves)
+                charge_lanes(self._lane_costs, ("step", tuple(ids.shape[1:]), n), self.lm, len(group), lambda: self._grads(ids[0], targets[0]))
+            self.lanes.step(lanes, leaves, grads, self.ledger)
 
     def close(self):
         """The shared model as found: adapters removed (lora), the private copy dropped."""
+        self.lanes = None
         self.dyn.close()
         if self.adapter is not None:
             self.adapter.remove()

@@ -123,6 +123,16 @@ class Ledger:
         if key not in self.counters:
             self.counters[key] = counter
 
+    def absorb(self, other: "Ledger") -> None:
+        """Charge what `other` recorded as if it had been recorded here (a lane's step charges what one
+        lane's step on its own charges: methods measure that once per shape on a scratch ledger)."""
+        if not self.enabled:
+            return
+        for key, n in other.calls.items():
+            self.calls[key] += n
+            self.counters.setdefault(key, other.counters[key])
+        self.extra.update(other.extra)
+
     def add(self, key: str, flops: float) -> None:
         """Flops that tracing a forward cannot see: `adapt.backward`, `adapt.update`, `search.<what>`..."""
         if self.enabled:
