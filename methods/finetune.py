@@ -227,7 +227,7 @@ class FinetuneDynamicEval(DynamicEvalBase):
             for k, v in tensors.items():
                 named[k].copy_(v)
         if self.adapter is None:  # the adapted weights start, and reset, at the fine-tuned values (lora: B = 0)
-            self.dyn.originals = [named[n].detach().clone() for n in self.names]
+            self.dyn.set_originals([named[n] for n in self.names])
         super().prepare(data)
 
     def _stats_key(self) -> dict:

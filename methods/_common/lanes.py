@@ -13,7 +13,8 @@ hooks reading them), so each lane is its own batch-1 forward, batched: no paddin
 another's weights. The loss is the sum of the lanes' mean NLLs, so the gradient for a lane's slice is that
 lane's own. The update rule is DynamicEvaluation.apply_rule with the originals and statistics broadcast.
 
-Memory: one copy of the adapted tensors per lane (full dynamic evaluation: the whole model per lane).
+Memory: one copy of the adapted tensors per lane (full dynamic evaluation: the whole model per lane), in
+float32 when the weights are bfloat16 or float16 (update.py), cast for each forward.
 
 Cost: a lane charges what the one-lane path charges for an input of its shape (`charge_lanes`: that path
 run once per shape on a scratch ledger, whose records each lane then absorbs), so FLOPs per scored token do
@@ -64,7 +65,9 @@ class LaneWeights:
             return torch.func.vmap(lambda tensors, x: self.call(tensors, logprobs_of, x, n))(leaves, ids)
 
     def call(self, tensors: list[torch.Tensor], fn, *args):
-        """`fn(*args)` with one lane's `tensors` in place of the adapted ones (the model untouched)."""
+        """`fn(*args)` with one lane's `tensors` in place of the adapted ones (the model untouched;
+        float32 copies of low-precision weights cast to the weights' dtype, the cast differentiated)."""
+        tensors = [t.to(p.dtype) for t, p in zip(tensors, self.dyn.params)]
         if self.adapter is not None:
             with self.adapter.using(tensors):
                 return fn(*args)

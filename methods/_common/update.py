@@ -15,7 +15,8 @@
     dyn.reset()                                        # weights back to the originals
     dyn.close()                                        # reset, and give requires_grad back
 
-Update rules, W0 the values when the object was made (the one copy kept, of these parameters only):
+Update rules, W0 the values when the object was made (the one copy kept, of these parameters only;
+bfloat16 or float16 weights are updated through float32 copies, cast into them after each step):
 - sgd: W <- W - lr * g + decay * (W0 - W)
 - rms: W <- W - lr * g / (sqrt(ms) + eps) - decay * sqrt(ms) * (W - W0)
 
@@ -91,7 +92,11 @@ class DynamicEvaluation:
         if not self.params:
             raise TTABenchError("dynamic evaluation needs at least one parameter to adapt")
         self.variant, self.lr, self.decay, self.eps = variant, float(lr), float(decay), float(eps)
-        self.originals = [p.detach().clone() for p in self.params] if originals is None else list(originals)
+        # bfloat16 / float16 weights: the rule runs on float32 copies, cast into the weights after each
+        # step (a step below a weight's rounding step would otherwise be lost, and they add up)
+        low = any(p.dtype in (torch.bfloat16, torch.float16) for p in self.params)
+        self.master = [p.detach().float() for p in self.params] if low else None
+        self.set_originals(self.params if originals is None else originals, copy=originals is None)
         self._requires_grad = [p.requires_grad for p in self.params]
         for p in self.params:
             p.requires_grad_(True)
@@ -112,6 +117,16 @@ class DynamicEvaluation:
                 self._padding_idx = embedding.padding_idx
                 self._embedding = embedding
                 self._hook = embedding.register_forward_hook(self._watch)
+
+    @property
+    def working(self) -> list[torch.Tensor]:
+        """The tensors the rule updates: the float32 copies of low-precision weights, else the weights."""
+        return self.params if self.master is None else self.master
+
+    def set_originals(self, tensors: Sequence[torch.Tensor], copy: bool = True) -> None:
+        """The values a reset restores and decay pulls toward (never written), in the rule's precision;
+        `copy` False: kept as given where the precision is already the rule's (tensors nobody writes)."""
+        self.originals = [t.detach().to(w.dtype, copy=copy) for t, w in zip(tensors, self.working)]
 
     def _watch(self, module, args, out):
         """Forward hook: the lookup's output as a leaf, its graph to the weight cut (see grad)."""
@@ -140,7 +155,7 @@ class DynamicEvaluation:
         """The rms rule's statistics: sqrt(ms) of every parameter, in order (from mean_square_root or a cache)."""
         if len(rms) != len(self.params) or any(r.shape != p.shape for r, p in zip(rms, self.params)):
             raise TTABenchError("rms statistics do not match the adapted parameters; delete the cached statistics")
-        rms = [r.to(p.device, p.dtype) for r, p in zip(rms, self.params)]
+        rms = [r.to(w.device, w.dtype) for r, w in zip(rms, self.working)]
         self.denom = torch._foreach_add(rms, self.eps)
         self.rms = rms if self.decay > 0 else None
 
@@ -195,7 +210,11 @@ class DynamicEvaluation:
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor], ledger=None) -> None:
         """One update of every parameter from its gradient (the rules in the module docstring)."""
-        self.apply_rule(self.params, grads, self.originals, self.denom, self.rms)
+        if self.master is None:
+            self.apply_rule(self.params, grads, self.originals, self.denom, self.rms)
+        else:
+            self.apply_rule(self.master, [g.float() for g in grads], self.originals, self.denom, self.rms)
+            torch._foreach_copy_(self.params, self.master)
         if ledger is not None:
             ledger.add("adapt.update", self.update_flops())
 
@@ -236,6 +255,8 @@ class DynamicEvaluation:
     def reset(self) -> None:
         """Weights back to their original values."""
         torch._foreach_copy_(self.params, self.originals)
+        if self.master is not None:
+            torch._foreach_copy_(self.master, self.originals)
         self._lookups = []
 
     def close(self) -> None:
