@@ -8,8 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_lanes import OWN_WEIGHTS, _builtin_settings, _record, lane_corpus  # noqa: F401  (a fixture)
+from tests import test_lanes
+from tests.test_lanes import OWN_WEIGHTS, _builtin_settings, _record
 from tta_bench.protocol.models import load_model
+
+lane_corpus = test_lanes.lane_corpus  # the lanes test's documents (a module fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -128,7 +128,9 @@ def test_the_invariance_test_would_see_lanes_that_share_state(lm, lane_corpus, t
     assert worst > 1e-4
 
 
-def test_the_invariance_test_would_see_lanes_that_keep_another_documents_weights(lm, lane_corpus, tmp_path, monkeypatch):
+def test_the_invariance_test_would_see_lanes_that_keep_another_documents_weights(
+    lm, lane_corpus, tmp_path, monkeypatch
+):
     """Dynamic evaluation's effect on a document is far above 1e-6, so lanes whose weights are not put
     back when a lane takes its next document (it starts from the last one's) fail the lanes test."""
     from tta_bench_methods._common.lanes import LaneWeights

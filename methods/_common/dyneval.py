@@ -178,7 +178,9 @@ class DynamicEvalBase(Method):
             with torch.enable_grad():
                 with self.ledger.paused():
                     logprobs = self.lanes.logprobs(leaves, ids, n, self._logprobs)
-                charge_lanes(self._lane_costs, (tuple(ids.shape[1:]), n), self.lm, len(group), lambda: self._one_lane(ids[0], n))
+                charge_lanes(
+                    self._lane_costs, (tuple(ids.shape[1:]), n), self.lm, len(group), lambda: self._one_lane(ids[0], n)
+                )
             self._lane_scored.append((group, lanes, leaves, logprobs))
             for j, i in enumerate(group):
                 out[i] = logprobs[j].detach()
@@ -187,7 +189,9 @@ class DynamicEvalBase(Method):
     def _one_lane(self, ids, n):
         """The one-lane path's forward and backward on an input of this shape (what it charges, lanes.py)."""
         logprobs = self._logprobs(ids, n)
-        self.dyn.nll_grads(logprobs, torch.zeros(n, dtype=torch.long, device=ids.device), self.ledger, (tuple(ids.shape), n))
+        self.dyn.nll_grads(
+            logprobs, torch.zeros(n, dtype=torch.long, device=ids.device), self.ledger, (tuple(ids.shape), n)
+        )
 
     def adapt_lanes(self, segs):
         for group, lanes, leaves, logprobs in self._lane_scored:

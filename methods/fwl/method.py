@@ -326,7 +326,6 @@ class FWLDynamicEval(FastWeightLayers):
     def control(cls, params):
         return static_control(params)
 
-
     def __init__(self, lm, params, seed=0, protocol=None):
         super().__init__(lm, params, seed, protocol)
         self.dyn = None

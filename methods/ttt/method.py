@@ -180,7 +180,9 @@ class TestTimeTraining(Method):
         chosen = [self.choose(s) for s in segs]  # each lane's chunks, chosen as one lane chooses them
         for j in range(max(len(c) for c in chosen)):
             chunks = [(s.lane, self.store.chunks[c[j]]) for s, c in zip(segs, chosen) if j < len(c)]
-            self._lane_steps([(lane, c.inputs[None].to(self.lm.device), c.targets.to(self.lm.device)) for lane, c in chunks])
+            self._lane_steps(
+                [(lane, c.inputs[None].to(self.lm.device), c.targets.to(self.lm.device)) for lane, c in chunks]
+            )
         if self.params.self_step:
             self._lane_steps([(s.lane, s.ids, s.targets) for s in segs])
 
@@ -195,7 +197,13 @@ class TestTimeTraining(Method):
                     logprobs = self.lanes.logprobs(leaves, ids, n, self._logprobs)
                 loss = F.nll_loss(logprobs.flatten(0, 1), targets.flatten(), reduction="sum") / n
                 grads = torch.autograd.grad(loss, leaves)
-                charge_lanes(self._lane_costs, ("step", tuple(ids.shape[1:]), n), self.lm, len(group), lambda: self._grads(ids[0], targets[0]))
+                charge_lanes(
+                    self._lane_costs,
+                    ("step", tuple(ids.shape[1:]), n),
+                    self.lm,
+                    len(group),
+                    lambda: self._grads(ids[0], targets[0]),
+                )
             self.lanes.step(lanes, leaves, grads, self.ledger)
 
     def close(self):
