@@ -70,7 +70,8 @@ class Method(abc.ABC):
       other lanes (per-document NLL at any lane count within 1e-6 relative, tested for every built-in).
     - `adapt_lanes(segs)`: the same Segments once scored, targets filled in.
     `self.lm.hidden_lanes([seg.ids ...])` gives each input's hidden states from one batched forward,
-    counted per input as one lane would count it, the padding under its own key.
+    counted per input as one lane would count it, the padding under its own key. A method that adapts
+    weights keeps each lane's copy with `tta_bench_methods._common.lanes.LaneWeights` (dynamic-eval's way).
     INPUT: segs = [Segment(ids=(1, 8), n=4, lane=0), Segment(ids=(1, 5), n=5, lane=1)] (lane 1's
     document has just begun). PRED: [(4, V) log-probabilities, (5, V) log-probabilities].
 
