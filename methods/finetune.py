@@ -190,15 +190,12 @@ class Finetune(Method):
     def reset_lane(self, lane):
         pass
 
-    @torch.no_grad()
     def score(self, seg):
-        h = self.lm.hidden(seg.ids, model=self.model)[0, -seg.n :]
-        return F.log_softmax(self.lm.logits(h, model=self.model), dim=-1)
+        return self.score_lanes([seg])[0]
 
     @torch.no_grad()
     def score_lanes(self, segs):
-        hs = [h[-s.n :] for h, s in zip(self.lm.hidden_lanes([s.ids for s in segs], model=self.model), segs)]
-        return list(F.log_softmax(self.lm.logits_rows(hs, model=self.model), dim=-1).split([s.n for s in segs]))
+        return self.lm.logprobs_lanes([s.ids for s in segs], [s.n for s in segs], model=self.model)
 
     def close(self):
         self.model = None

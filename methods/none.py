@@ -26,9 +26,8 @@ class NoAdaptation(Method):
     def reset_lane(self, lane):
         pass
 
-    @torch.no_grad()
     def score(self, seg):
-        return self.lm.logprobs(seg.ids, seg.n)
+        return self.score_lanes([seg])[0]
 
     @torch.no_grad()
     def score_lanes(self, segs):

@@ -67,18 +67,13 @@ class KeyReader:
 
     def __call__(self, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(h (n, d) in the model's dtype, keys (n, d) float32)."""
-        if self.key == "hidden":
-            h = self.lm.hidden(ids)[0, -n:]
-            return h, h.float()
-        h, f = self.lm.hidden_and_ffn_input(ids)
-        return h[0, -n:], f[0, -n:].float()
+        return self.lanes([ids], [n])[0]
 
-    def lanes(self, segs) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(h, keys) of each lane's segment, as __call__ gives them, from one batched forward."""
-        inputs = [s.ids for s in segs]
+    def lanes(self, inputs: list[torch.Tensor], ns: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(h, keys) of each (1, L_i) input's last n_i positions, from one batched forward."""
         if self.key == "hidden":
-            return [(h[-s.n :], h[-s.n :].float()) for h, s in zip(self.lm.hidden_lanes(inputs), segs)]
-        return [(h[-s.n :], f[-s.n :].float()) for (h, f), s in zip(self.lm.hidden_and_ffn_input_lanes(inputs), segs)]
+            return [(h[-n:], h[-n:].float()) for h, n in zip(self.lm.hidden_lanes(inputs), ns)]
+        return [(h[-n:], f[-n:].float()) for (h, f), n in zip(self.lm.hidden_and_ffn_input_lanes(inputs), ns)]
 
 
 def _ffn_or_error(lm) -> None:
@@ -224,17 +219,18 @@ class KnnStore:
         lane.reset()
         return lane
 
-    def search(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(squared L2 distances (n, k), ids (n, k), flops) of the k nearest datastore keys to q (n, d)."""
+    def search(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(squared L2 distances (n, k), ids (n, k)) of the k nearest datastore keys to q (n, d)."""
         dist, ids = self.index.search(q.detach().float().cpu().numpy(), self.k)
-        return torch.from_numpy(dist), torch.from_numpy(ids), len(q) * self.index.flops_per_query(self.k)
+        return torch.from_numpy(dist), torch.from_numpy(ids)
 
     def neighbours(self, q: torch.Tensor, searched=None) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(tokens (n, k), weights (n, k), search flops) for queries q (n, d): the k nearest keys by
         squared L2 over the datastore and the online part, weights softmax(-dist / T) over them.
         `searched`: the datastore's part, `search(q)`, done already (several lanes' queries at once)."""
         qn = q.detach().float().cpu().numpy()
-        dist, ids, flops = self.search(q) if searched is None else searched
+        dist, ids = self.search(q) if searched is None else searched
+        flops = len(qn) * self.index.flops_per_query(self.k)
         tokens = self.values[ids.clamp(min=0)]
         n_on = len(self.online_values)
         if n_on:
@@ -299,44 +295,35 @@ class KnnPart:
         )
         self.store = KnnStore(index, values, p.k, p.temperature)
         self.info = {"n_keys": len(values), "dim": index.d, "index": index.kind}
+        self.open_lanes(1)
 
     def reset(self) -> None:
-        self.store.reset()
-
-    def apply(self, lp: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        tokens, weights, flops = self.store.neighbours(key)
-        self.method.ledger.add("search.knn", flops)
-        self._pending = key
-        return mix(lp, self.p.lam, tokens, weights)
+        for store in self.lane_stores:
+            store.reset()
 
     # -- lanes: the datastore searched once for every lane's rows, an online part per lane ---------
     def open_lanes(self, n: int) -> None:
-        self.lane_stores = [self.store.lane_copy() for _ in range(n)]
-        self._lane_pending: dict = {}
+        self.lane_stores = [self.store] if n == 1 else [self.store.lane_copy() for _ in range(n)]
+        self._pending: dict = {}  # lane -> the keys scored, added to its online part by adapt
 
     def reset_lane(self, lane: int) -> None:
         self.lane_stores[lane].reset()
 
-    def apply_lanes(self, lps: list[torch.Tensor], keys: list[torch.Tensor], lanes: list[int]) -> list[torch.Tensor]:
-        """apply() for several lanes' rows: one datastore search, then each lane's online part."""
-        dist, ids, _ = self.store.search(torch.cat(keys))
+    def apply(self, lps: list[torch.Tensor], keys: list[torch.Tensor], lanes: list[int]) -> list[torch.Tensor]:
+        """Each lane's log-probabilities mixed with its neighbours: one datastore search for every
+        lane's rows, then each lane's online part."""
+        dist, ids = self.store.search(torch.cat(keys))
         ns = [len(k) for k in keys]
         out = []
         for lp, key, lane, d, i in zip(lps, keys, lanes, dist.split(ns), ids.split(ns)):
-            store = self.lane_stores[lane]
-            tokens, weights, flops = store.neighbours(key, (d, i, len(key) * store.index.flops_per_query(store.k)))
+            tokens, weights, flops = self.lane_stores[lane].neighbours(key, (d, i))
             self.method.ledger.add("search.knn", flops)
-            self._lane_pending[lane] = key
+            self._pending[lane] = key
             out.append(mix(lp, self.p.lam, tokens, weights))
         return out
 
-    def adapt(self, targets: torch.Tensor) -> None:
+    def adapt(self, lanes: list[int], targets: list[torch.Tensor]) -> None:
         if self.p.online:
-            self.store.add(self._pending, targets)
-        self._pending = None
-
-    def adapt_lanes(self, lanes: list[int], targets: list[torch.Tensor]) -> None:
-        for lane, t in zip(lanes, targets):
-            if self.p.online:
-                self.lane_stores[lane].add(self._lane_pending[lane], t)
-        self._lane_pending = {}
+            for lane, t in zip(lanes, targets):
+                self.lane_stores[lane].add(self._pending[lane], t)
+        self._pending = {}

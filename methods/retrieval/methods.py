@@ -78,23 +78,20 @@ class KnnLM(Method):
     def reset_lane(self, lane):
         self.knn.reset_lane(lane)
 
-    @torch.no_grad()
     def score(self, seg):
-        h, key = self.knn.reader(seg.ids, seg.n)
-        lp = F.log_softmax(self.lm.logits(h), dim=-1)
-        return self.knn.apply(lp, key)
+        return self.score_lanes([seg])[0]
 
     @torch.no_grad()
     def score_lanes(self, segs):
-        hs, keys = zip(*self.knn.reader.lanes(segs))
+        hs, keys = zip(*self.knn.reader.lanes([s.ids for s in segs], [s.n for s in segs]))
         lps = F.log_softmax(self.lm.logits_rows(list(hs)), dim=-1).split([s.n for s in segs])
-        return self.knn.apply_lanes(list(lps), list(keys), [s.lane for s in segs])
+        return self.knn.apply(list(lps), list(keys), [s.lane for s in segs])
 
     def adapt(self, seg):
-        self.knn.adapt(seg.targets)
+        self.adapt_lanes([seg])
 
     def adapt_lanes(self, segs):
-        self.knn.adapt_lanes([s.lane for s in segs], [s.targets for s in segs])
+        self.knn.adapt([s.lane for s in segs], [s.targets for s in segs])
 
 
 @register_method("cache")
@@ -221,24 +218,20 @@ class KnnCache(Method):
         for cache in self.caches:
             cache.reset()
 
-    @torch.no_grad()
     def score(self, seg):
-        h, key = self.knn.reader(seg.ids, seg.n)
-        lp = F.log_softmax(self.lm.logits(h), dim=-1)
-        return self.caches[0].apply(self.knn.apply(lp, key), h, seg)
+        return self.score_lanes([seg])[0]
 
     @torch.no_grad()
     def score_lanes(self, segs):
-        hs, keys = zip(*self.knn.reader.lanes(segs))
+        hs, keys = zip(*self.knn.reader.lanes([s.ids for s in segs], [s.n for s in segs]))
         lps = F.log_softmax(self.lm.logits_rows(list(hs)), dim=-1).split([s.n for s in segs])
-        mixed = self.knn.apply_lanes(list(lps), list(keys), [s.lane for s in segs])
+        mixed = self.knn.apply(list(lps), list(keys), [s.lane for s in segs])
         return [self.caches[s.lane].apply(lp, h, s) for s, lp, h in zip(segs, mixed, hs)]
 
     def adapt(self, seg):
-        self.knn.adapt(seg.targets)
-        self.caches[0].adapt(seg.targets)
+        self.adapt_lanes([seg])
 
     def adapt_lanes(self, segs):
-        self.knn.adapt_lanes([s.lane for s in segs], [s.targets for s in segs])
+        self.knn.adapt([s.lane for s in segs], [s.targets for s in segs])
         for s in segs:
             self.caches[s.lane].adapt(s.targets)

@@ -138,10 +138,13 @@ class LM:
         rows = [tuple(t[i, :n] for t in out) for i, n in enumerate(lengths)]
         return [r[0] if len(r) == 1 else r for r in rows]
 
-    def logprobs_lanes(self, inputs: list[torch.Tensor], ns: list[int]) -> list[torch.Tensor]:
-        """Log-probabilities (n_i, V) of the tokens following each input's last n_i positions."""
-        hs = [h[-n:] for h, n in zip(self.hidden_lanes(inputs), ns)]
-        return list(F.log_softmax(self.logits_rows(hs), dim=-1).split(ns))
+    def logprobs_lanes(
+        self, inputs: list[torch.Tensor], ns: list[int], model: torch.nn.Module | None = None
+    ) -> list[torch.Tensor]:
+        """Log-probabilities (n_i, V) of the tokens following each input's last n_i positions;
+        `model`: a method's private copy (as for hidden)."""
+        hs = [h[-n:] for h, n in zip(self.hidden_lanes(inputs, model), ns)]
+        return list(F.log_softmax(self.logits_rows(hs, model), dim=-1).split(ns))
 
     def logits_rows(self, hs: list[torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
         """The logits of several lanes' hidden states (each (n_i, d)) in one product, rows in order."""
