@@ -172,8 +172,7 @@ class DynamicEvalBase(Method):
 
     def score_lanes(self, segs):
         out, self._lane_scored = [None] * len(segs), []
-        for group in by_shape(segs):
-            lanes, ids, n = [segs[i].lane for i in group], torch.stack([segs[i].ids for i in group]), segs[group[0]].n
+        for group, lanes, ids, n in by_shape([s.lane for s in segs], [s.ids for s in segs], [s.n for s in segs]):
             leaves = self.lanes.take(lanes)
             with torch.enable_grad():
                 with self.ledger.paused():

@@ -1,8 +1,8 @@
 """Per-lane adapted weights (SPEC 2, lanes), for methods that take gradient steps at test time:
 
     lanes = LaneWeights(dyn, n, model, names, adapter)  # dyn: the method's update.DynamicEvaluation
-    for group in by_shape(segs):                   # lanes whose inputs share a shape run together
-        leaves = lanes.take([segs[i].lane for i in group])
+    for group, lanes_of_group, ids, n in by_shape(lanes_of, inputs, ns):  # one shape runs together
+        leaves = lanes.take(lanes_of_group)
         logprobs = lanes.logprobs(leaves, ids, n, logprobs_of)  # each lane's forward, its own tensors
         lanes.step(lanes_of_group, leaves, torch.autograd.grad(loss, leaves))
     lanes.reset(lane)                              # one lane back to the originals
@@ -28,12 +28,14 @@ import torch
 from tta_bench.protocol.flops import Ledger, charging
 
 
-def by_shape(segs) -> list[list[int]]:
-    """Indices of `segs` grouped by (input shape, number of targets), in order of first appearance."""
+def by_shape(lanes: list[int], inputs: list[torch.Tensor], ns: list[int]):
+    """(indices, their lanes, their inputs stacked (k, 1, L), n) for each group of (1, L) inputs that
+    share a shape and a number of targets n, in order of first appearance."""
     groups: dict = {}
-    for i, s in enumerate(segs):
-        groups.setdefault((tuple(s.ids.shape), s.n), []).append(i)
-    return list(groups.values())
+    for i, (x, n) in enumerate(zip(inputs, ns)):
+        groups.setdefault((tuple(x.shape), n), []).append(i)
+    for (_, n), group in groups.items():
+        yield group, [lanes[i] for i in group], torch.stack([inputs[i] for i in group]), n
 
 
 class LaneWeights:

@@ -46,14 +46,6 @@ from .datastore import ChunkStore
 SEED_MIX = 1_000_003  # mixes (seed, position) into one generator seed
 
 
-@dataclass
-class _Input:
-    """What lanes.by_shape groups a training step's inputs by."""
-
-    ids: torch.Tensor
-    n: int
-
-
 class TestTimeTraining(Method):
     """A fine-tuning step on each of `k` prepare-split chunks after every scored segment; `choose` picks them."""
 
@@ -166,8 +158,7 @@ class TestTimeTraining(Method):
     @torch.no_grad()
     def score_lanes(self, segs):
         out = [None] * len(segs)
-        for group in by_shape(segs):
-            lanes, ids, n = [segs[i].lane for i in group], torch.stack([segs[i].ids for i in group]), segs[group[0]].n
+        for group, lanes, ids, n in by_shape([s.lane for s in segs], [s.ids for s in segs], [s.n for s in segs]):
             with self.ledger.paused():
                 logprobs = self.lanes.logprobs(self.lanes.take(lanes), ids, n, self._logprobs)
             key = ("score", tuple(ids.shape[1:]), n)
@@ -188,10 +179,9 @@ class TestTimeTraining(Method):
 
     def _lane_steps(self, items):
         """One SGD step per (lane, ids, targets), each lane on its own tensors, one forward per shape."""
-        for group in by_shape([_Input(ids, len(targets)) for _, ids, targets in items]):
-            lanes = [items[i][0] for i in group]
-            ids, targets = torch.stack([items[i][1] for i in group]), torch.stack([items[i][2] for i in group])
-            n, leaves = targets.shape[1], self.lanes.take(lanes)
+        lanes_of, inputs, targets_of = zip(*items)
+        for group, lanes, ids, n in by_shape(lanes_of, inputs, [len(t) for t in targets_of]):
+            targets, leaves = torch.stack([targets_of[i] for i in group]), self.lanes.take(lanes)
             with torch.enable_grad():
                 with self.ledger.paused():
                     logprobs = self.lanes.logprobs(leaves, ids, n, self._logprobs)
